@@ -1,0 +1,151 @@
+"""The full set of config fields with defaults, and their validation.
+
+Files in ``configs/`` start from `default_config()` and change what they need; any field can
+be overridden on the command line (``--config.model.moe.num_experts=16``). Tuples such as
+``mesh.shape`` are overridden as ``--config.mesh.shape='(2,4)'``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ARCHS = ('encoder_decoder', 'decoder')
+OPTIMIZERS = ('adafactor', 'adamw')
+SCHEDULES = ('rsqrt', 'cosine', 'constant')
+DTYPES = ('float32', 'bfloat16')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.arch = 'encoder_decoder'
+  m.vocab_size = 384           # >= tokenizer vocab (359 for bytes); a multiple of 128
+  m.d_model = 128
+  m.num_layers = 4             # encoder layers (and decoder layers, unless set below)
+  m.num_decoder_layers = 0     # 0: same as num_layers
+  m.num_heads = 4
+  m.d_kv = 32
+  m.d_ff = 512                 # hidden size of dense FFNs and of each expert
+  m.ffn_activation = 'geglu'   # 'relu' (classic T5) or 'geglu' (T5.1.1, Switch-Base)
+  m.tie_embeddings = False
+  m.dropout_rate = 0.0
+  m.relative_attention_num_buckets = 32
+  m.relative_attention_max_distance = 128
+  m.init_scale = 0.1           # SW §2.3: s = 0.1 instead of 1.0
+  m.dtype = 'float32'          # activation dtype; parameters are always float32
+
+  m.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 8
+  e.every = 2                  # every 2nd FFN is a Switch layer; 0 = dense (T5 baseline)
+  e.group_size = 256           # tokens per routing group (capped at the batch's tokens)
+  e.capacity_factor = 1.25
+  e.eval_capacity_factor = 2.0
+  e.min_capacity = 4
+  e.load_balance_loss = 0.01   # alpha
+  e.router_z_loss = 0.001
+  e.jitter = 0.0               # multiplicative router-input noise epsilon (SW App. C: 0.01)
+  e.expert_dropout = 0.0       # dropout inside experts (0.4 when fine-tuning, SW §4)
+  e.router_dtype = 'float32'   # selective precision
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'stdlib'          # embedded corpus: the Python standard library's source
+  d.data_dir = ''              # '' = $SWITCHMOE_DATA_DIR or ~/.cache/switchmoe/tfds
+  d.tokenizer = 'byte'
+  d.inputs_length = 128
+  d.targets_length = 32
+  d.noise_density = 0.15
+  d.mean_noise_span_length = 3.0
+  d.num_workers = 0
+
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 300
+  t.batch_size = 16            # global batch, split over the batch mesh axes and processes
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 4
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.name = 'adafactor'
+  o.learning_rate = 0.01       # peak learning rate
+  o.schedule = 'rsqrt'         # T5: constant for warmup_steps, then 1/sqrt(step) decay
+  o.warmup_steps = 10_000
+  o.weight_decay = 0.0
+  o.grad_clip = 0.0            # global-norm clipping; 0 = off
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)       # -1: all remaining devices
+  c.mesh.axes = ('data', 'expert')
+  c.mesh.rules = ()            # overrides of sharding.DEFAULT_RULES: (('embed', 'fsdp'), ...)
+  return c
+
+
+def base_size(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """T5-Base sizes and the paper's pretraining setup (SW Table 9, T5X defaults), in place.
+
+  d_model 768, GEGLU d_ff 2048, 12 heads of 64, 12 + 12 layers; span corruption at
+  512 / 114 tokens; Adafactor, 10k constant warmup at 0.01 then 1/sqrt decay; bfloat16.
+  """
+  m = c.model
+  m.vocab_size = 32128         # T5's SentencePiece vocabulary size (padded)
+  m.d_model, m.d_ff, m.d_kv, m.num_heads, m.num_layers = 768, 2048, 64, 12, 12
+  m.ffn_activation = 'geglu'
+  m.dtype = 'bfloat16'
+  c.data.inputs_length, c.data.targets_length = 512, 114
+  c.train.batch_size = 256
+  c.train.num_steps = 100_000
+  c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 1000, 2000
+  c.optim.name, c.optim.schedule = 'adafactor', 'rsqrt'
+  c.optim.learning_rate, c.optim.warmup_steps = 0.01, 10_000
+  return c
+
+
+def _choice(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f'{name}={value!r}: expected one of {allowed}')
+
+
+def _positive(name: str, value) -> None:
+  if not value > 0:
+    raise ValueError(f'{name}={value!r}: must be > 0')
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field; cheap, runs before any compilation."""
+  m, e, d, t, o = c.model, c.model.moe, c.data, c.train, c.optim
+  _choice('model.arch', m.arch, ARCHS)
+  _choice('model.dtype', m.dtype, DTYPES)
+  _choice('model.moe.router_dtype', e.router_dtype, DTYPES)
+  _choice('model.ffn_activation', m.ffn_activation, ('relu', 'geglu'))
+  _choice('optim.name', o.name, OPTIMIZERS)
+  _choice('optim.schedule', o.schedule, SCHEDULES)
+  for name in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
+               'model.d_kv', 'model.d_ff', 'model.init_scale', 'model.moe.group_size',
+               'data.inputs_length', 'data.targets_length', 'train.num_steps',
+               'train.batch_size', 'train.log_every', 'train.eval_every',
+               'train.checkpoint_every', 'optim.learning_rate'):
+    section, *rest = name.split('.')
+    value = c[section]
+    for key in rest:
+      value = value[key]
+    _positive(name, value)
+  if e.every < 0:
+    raise ValueError(f'model.moe.every={e.every}: must be >= 0 (0 = dense)')
+  if e.every > 0:
+    _positive('model.moe.num_experts', e.num_experts)
+    _positive('model.moe.capacity_factor', e.capacity_factor)
+    _positive('model.moe.eval_capacity_factor', e.eval_capacity_factor)
+    if e.min_capacity < 0:
+      raise ValueError(f'model.moe.min_capacity={e.min_capacity}: must be >= 0')
+    if not 0.0 <= e.jitter < 1.0:
+      raise ValueError(f'model.moe.jitter={e.jitter}: must be in [0, 1)')
+  for name, rate in (('model.dropout_rate', m.dropout_rate),
+                     ('model.moe.expert_dropout', e.expert_dropout)):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f'{name}={rate}: must be in [0, 1)')
+  if len(tuple(c.mesh.shape)) != len(tuple(c.mesh.axes)):
+    raise ValueError(f'mesh.shape {tuple(c.mesh.shape)} and mesh.axes {tuple(c.mesh.axes)} '
+                     'differ in length')

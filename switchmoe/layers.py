@@ -1,0 +1,186 @@
+"""Transformer building blocks (T5 style): RMSNorm, embeddings, attention with relative
+position buckets, and the feed-forward block shared by dense layers and experts.
+
+Shape suffixes: B batch, L (query) length, K key length, D d_model, H heads, Dk head dim,
+F d_ff, E experts, T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from switchmoe.sharding import constrain
+
+NEG_INF = -1e9  # finite, so fully masked rows (padding queries) give zeros rather than NaN
+
+
+def init_param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None],
+               scale: float, in_axis=-2, out_axis=-1, batch_axis=()) -> nnx.Param:
+  """Float32 weight ~ truncated normal with std sqrt(scale / fan_in), cut at 2 std (SW §2.3).
+
+  ``scale`` is the paper's s (0.1 in Switch, 1.0 in a standard Transformer).
+  """
+  init = jax.nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal',
+                                              in_axis=in_axis, out_axis=out_axis,
+                                              batch_axis=batch_axis)
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
+                   logical_axes=tuple(logical_axes))
+
+
+def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
+  if deterministic or rate == 0.0:
+    return x
+  if rngs is None:
+    raise ValueError('dropout in training mode needs rngs with a "dropout" stream')
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+
+  def __init__(self, dim: int, *, dtype, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=('embed',))
+    self.dtype, self.eps = dtype, eps
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...]).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding; with ``attend`` it doubles as the tied output projection."""
+
+  def __init__(self, vocab_size: int, dim: int, *, init_scale: float, dtype, rngs: nnx.Rngs):
+    # T5 draws embeddings with std 1 (fan_in taken as 1); the Switch scale s applies here too.
+    self.embedding = init_param(rngs, (vocab_size, dim), ('vocab', 'embed'), init_scale,
+                                in_axis=(), out_axis=-1, batch_axis=(0,))
+    self.dtype = dtype
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = jnp.take(self.embedding[...].astype(self.dtype), tokens_BxL, axis=0)
+    return constrain(x_BxLxD, ('batch', 'length', 'embed'))
+
+  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+    return jnp.einsum('bld,vd->blv', x_BxLxD, self.embedding[...].astype(self.dtype))
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+  """T5 buckets: exact for small distances, logarithmic up to ``max_distance``.
+
+  relative_position = key_position - query_position. Bidirectional buckets spend half the
+  buckets on each sign; causal ones only see the past (positive distances are clipped to 0).
+  """
+  n = -relative_position
+  bucket = jnp.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = jnp.where(n < 0, num_buckets, 0)
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / jnp.log(
+      max_distance / max_exact)
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+  """Learned per-head bias over position buckets, shared by all layers of one stack."""
+
+  def __init__(self, num_buckets: int, max_distance: int, num_heads: int, *,
+               bidirectional: bool, init_scale: float, rngs: nnx.Rngs):
+    self.rel_embedding = init_param(rngs, (num_buckets, num_heads), (None, 'heads'),
+                                    init_scale, in_axis=(), out_axis=-1, batch_axis=(0,))
+    self.num_buckets, self.max_distance = num_buckets, max_distance
+    self.bidirectional = bidirectional
+
+  def __call__(self, query_len: int, key_len: int) -> jax.Array:
+    """Returns bias_1xHxLxK (float32)."""
+    relative = jnp.arange(key_len)[None, :] - jnp.arange(query_len)[:, None]
+    buckets_LxK = relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                           num_buckets=self.num_buckets,
+                                           max_distance=self.max_distance)
+    bias_LxKxH = jnp.take(self.rel_embedding[...], buckets_LxK, axis=0)
+    return jnp.transpose(bias_LxKxH, (2, 0, 1))[None]
+
+
+class Attention(nnx.Module):
+  """Multi-head dot-product attention; logits and softmax in float32."""
+
+  def __init__(self, dim: int, num_heads: int, head_dim: int, *, init_scale: float,
+               dropout_rate: float, dtype, rngs: nnx.Rngs):
+    proj = lambda: init_param(rngs, (dim, num_heads, head_dim), ('embed', 'heads', 'kv'),
+                              init_scale, in_axis=0, out_axis=(1, 2))
+    self.query, self.key, self.value = proj(), proj(), proj()
+    self.out = init_param(rngs, (num_heads, head_dim, dim), ('heads', 'kv', 'embed'),
+                          init_scale, in_axis=(0, 1), out_axis=2)
+    self.dropout_rate, self.dtype = dropout_rate, dtype
+
+  def __call__(self, x_BxLxD: jax.Array, kv_BxKxD: jax.Array, mask_Bx1xLxK: jax.Array,
+               bias_1xHxLxK: jax.Array | None, *, deterministic: bool,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    cast = lambda p: p[...].astype(self.dtype)
+    q_BxLxHxDk = jnp.einsum('bld,dhk->blhk', x_BxLxD, cast(self.query))
+    k_BxKxHxDk = jnp.einsum('bld,dhk->blhk', kv_BxKxD, cast(self.key))
+    v_BxKxHxDk = jnp.einsum('bld,dhk->blhk', kv_BxKxD, cast(self.value))
+    q_BxLxHxDk = constrain(q_BxLxHxDk, ('batch', 'length', 'heads', 'kv'))
+    logits_BxHxLxK = jnp.einsum('blhk,bmhk->bhlm', q_BxLxHxDk, k_BxKxHxDk,
+                                preferred_element_type=jnp.float32)
+    logits_BxHxLxK = logits_BxHxLxK / jnp.sqrt(q_BxLxHxDk.shape[-1]).astype(jnp.float32)
+    if bias_1xHxLxK is not None:
+      logits_BxHxLxK = logits_BxHxLxK + bias_1xHxLxK
+    logits_BxHxLxK = jnp.where(mask_Bx1xLxK, logits_BxHxLxK, NEG_INF)
+    probs_BxHxLxK = jax.nn.softmax(logits_BxHxLxK, axis=-1).astype(self.dtype)
+    probs_BxHxLxK = dropout(probs_BxHxLxK, self.dropout_rate, rngs, deterministic)
+    out_BxLxHxDk = jnp.einsum('bhlm,bmhk->blhk', probs_BxHxLxK, v_BxKxHxDk)
+    out_BxLxD = jnp.einsum('blhk,hkd->bld', out_BxLxHxDk, cast(self.out))
+    return constrain(out_BxLxD, ('batch', 'length', 'embed'))
+
+
+class FeedForward(nnx.Module):
+  """ReLU or GEGLU feed-forward block; with ``num_experts`` it is a stack of experts.
+
+  Dense: x_BxLxD -> y_BxLxD with weights [D, F], [F, D].
+  Experts: x_ExTxD -> y_ExTxD with one batched weight per matrix, [E, D, F] and [E, F, D],
+  so the expert dimension can be sharded over the ``expert`` mesh axis.
+  """
+
+  def __init__(self, dim: int, hidden: int, *, activation: str, init_scale: float,
+               dropout_rate: float, dtype, rngs: nnx.Rngs, num_experts: int | None = None):
+    if activation not in ('relu', 'geglu'):
+      raise ValueError(f'model.ffn_activation={activation!r}: expected "relu" or "geglu"')
+    lead, lead_axes, batch = (), (), ()
+    if num_experts is not None:
+      lead, lead_axes, batch = (num_experts,), ('expert',), (0,)
+    make_in = lambda: init_param(rngs, (*lead, dim, hidden), (*lead_axes, 'embed', 'mlp'),
+                                 init_scale, batch_axis=batch)
+    self.wi = make_in()
+    self.wi_gate = make_in() if activation == 'geglu' else None
+    self.wo = init_param(rngs, (*lead, hidden, dim), (*lead_axes, 'mlp', 'embed'), init_scale,
+                         batch_axis=batch)
+    self.activation, self.dropout_rate, self.dtype = activation, dropout_rate, dtype
+    self.is_experts = num_experts is not None
+
+  def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    spec, out_spec, hidden_axes = (
+        ('etd,edf->etf', 'etf,efd->etd', ('expert', 'batch', 'mlp')) if self.is_experts else
+        ('bld,df->blf', 'blf,fd->bld', ('batch', 'length', 'mlp')))
+    cast = lambda p: p[...].astype(self.dtype)
+    h = jnp.einsum(spec, x, cast(self.wi))
+    if self.activation == 'geglu':
+      h = jax.nn.gelu(jnp.einsum(spec, x, cast(self.wi_gate)), approximate=True) * h
+    else:
+      h = jax.nn.relu(h)
+    h = constrain(h, hidden_axes)
+    h = dropout(h, self.dropout_rate, rngs, deterministic)
+    return jnp.einsum(out_spec, h, cast(self.wo))

@@ -1,0 +1,91 @@
+"""Metric sinks: ``metrics.jsonl`` (one object per logged step), TensorBoard event files
+(through tensorboardX, so TensorFlow is not needed) and a one-line progress report."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def flatten(tree: Mapping, prefix: str = '') -> dict:
+  """{'moe': {'encoder/layer_1': {'confidence': x}}} -> {'moe/encoder/layer_1/confidence': x}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f'{name}/'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def to_python(value):
+  """Scalars to float/int; arrays (e.g. per-expert fractions) to lists."""
+  value = np.asarray(value)
+  if value.ndim == 0:
+    return value.item()
+  return value.tolist()
+
+
+class MetricWriter:
+  """Appends to ``workdir/metrics.jsonl`` and writes TensorBoard scalars under ``workdir``."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+    from tensorboardX import SummaryWriter  # import here: only the writing process needs it
+    self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
+
+  def write(self, step: int, metrics: Mapping) -> dict:
+    record = {'step': int(step), **{k: to_python(v) for k, v in flatten(metrics).items()}}
+    if self.enabled:
+      self._jsonl.write(json.dumps(record) + '\n')
+      for name, value in record.items():
+        if name != 'step' and isinstance(value, (int, float)):
+          self._tb.add_scalar(name, value, global_step=step)
+    return record
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Prints ``step n/N | loss | tok/s | ETA`` lines, measuring time between reports."""
+
+  def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True, stream=None):
+    self.total, self.enabled = total_steps, enabled
+    self.stream = stream or sys.stdout
+    self._last_step, self._last_time = start_step, time.perf_counter()
+
+  def lap(self, step: int) -> float:
+    """Seconds per step since the previous lap (call after the step's results are ready)."""
+    now = time.perf_counter()
+    per_step = (now - self._last_time) / max(step - self._last_step, 1)
+    self._last_step, self._last_time = step, now
+    return per_step
+
+  def report(self, step: int, record: Mapping, step_time: float) -> None:
+    if not self.enabled:
+      return
+    eta = datetime.timedelta(seconds=round(step_time * (self.total - step)))
+    parts = [f'step {step}/{self.total}']
+    for key, label, fmt in (('train/loss', 'loss', '.4f'), ('train/ce', 'ce', '.4f'),
+                            ('eval/ce', 'eval ce', '.4f'),
+                            ('train/dropped_fraction', 'dropped', '.3f')):
+      if key in record and math.isfinite(record[key]):
+        parts.append(f'{label} {record[key]:{fmt}}')
+    parts += [f'{record.get("perf/tokens_per_sec", 0):,.0f} tok/s', f'{step_time:.3f} s/step',
+              f'ETA {eta}']
+    print(' | '.join(parts), file=self.stream, flush=True)

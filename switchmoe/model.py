@@ -1,0 +1,188 @@
+"""T5-style encoder-decoder and decoder-only language models with Switch FFN layers.
+
+Both architectures share one `Block` (pre-norm self-attention, optional cross-attention,
+dense or Switch FFN) and one `Stack`. Models return ``(logits, aux)`` where ``aux`` maps each
+Switch layer's name (``encoder/layer_1``, ...) to its stats dict (see `switchmoe.moe`); a
+dense model returns an empty ``aux``.
+
+Shape suffixes: B batch, L length, Li encoder length, Lt decoder length, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from switchmoe.layers import (Attention, Embed, FeedForward, RelativePositionBias, RMSNorm,
+                              dropout, init_param)
+from switchmoe.moe import MoeLayer
+from switchmoe.sharding import constrain
+
+Batch = dict[str, jax.Array]
+
+
+def is_moe_layer(index: int, every: int) -> bool:
+  """Layer ``index`` (0-based) is a Switch layer when every > 0 and it is the every-th one."""
+  return every > 0 and index % every == every - 1
+
+
+class Block(nnx.Module):
+  """One pre-norm Transformer layer; residual branches add into x_BxLxD."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, cross_attention: bool, moe: bool,
+               rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    attn = lambda: Attention(cfg.d_model, cfg.num_heads, cfg.d_kv, init_scale=cfg.init_scale,
+                             dropout_rate=cfg.dropout_rate, dtype=dtype, rngs=rngs)
+    norm = lambda: RMSNorm(cfg.d_model, dtype=dtype)
+    self.self_attn_norm, self.self_attn = norm(), attn()
+    self.cross_attn_norm = norm() if cross_attention else None
+    self.cross_attn = attn() if cross_attention else None
+    self.ffn_norm = norm()
+    if moe:
+      m = cfg.moe
+      self.ffn = MoeLayer(cfg.d_model, cfg.d_ff, num_experts=m.num_experts,
+                          group_size=m.group_size, capacity_factor=m.capacity_factor,
+                          eval_capacity_factor=m.eval_capacity_factor,
+                          min_capacity=m.min_capacity, load_balance_loss=m.load_balance_loss,
+                          router_z_loss=m.router_z_loss, jitter=m.jitter,
+                          activation=cfg.ffn_activation, init_scale=cfg.init_scale,
+                          expert_dropout=m.expert_dropout, dtype=dtype,
+                          router_dtype=jnp.dtype(m.router_dtype), rngs=rngs)
+    else:
+      self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.ffn_activation,
+                             init_scale=cfg.init_scale, dropout_rate=cfg.dropout_rate,
+                             dtype=dtype, rngs=rngs)
+    self.is_moe, self.dropout_rate = moe, cfg.dropout_rate
+
+  def __call__(self, x_BxLxD, *, self_mask, self_bias, encoded=None, cross_mask=None,
+               deterministic: bool, rngs: nnx.Rngs | None):
+    drop = lambda y: dropout(y, self.dropout_rate, rngs, deterministic)
+    h = self.self_attn_norm(x_BxLxD)
+    x_BxLxD = x_BxLxD + drop(self.self_attn(h, h, self_mask, self_bias,
+                                            deterministic=deterministic, rngs=rngs))
+    if self.cross_attn is not None:
+      h = self.cross_attn_norm(x_BxLxD)
+      x_BxLxD = x_BxLxD + drop(self.cross_attn(h, encoded, cross_mask, None,
+                                               deterministic=deterministic, rngs=rngs))
+    h = self.ffn_norm(x_BxLxD)
+    if self.is_moe:
+      y, stats = self.ffn(h, deterministic=deterministic, rngs=rngs)
+    else:
+      y, stats = self.ffn(h, deterministic=deterministic, rngs=rngs), None
+    x_BxLxD = constrain(x_BxLxD + drop(y), ('batch', 'length', 'embed'))
+    return x_BxLxD, stats
+
+
+class Stack(nnx.Module):
+  """Encoder (bidirectional) or decoder (causal, optionally cross-attending) layer stack."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, num_layers: int, *, causal: bool,
+               cross_attention: bool, rngs: nnx.Rngs):
+    self.rel_bias = RelativePositionBias(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
+        bidirectional=not causal, init_scale=cfg.init_scale, rngs=rngs)
+    self.layers = nnx.List([
+        Block(cfg, cross_attention=cross_attention, moe=is_moe_layer(i, cfg.moe.every),
+              rngs=rngs) for i in range(num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, dtype=jnp.dtype(cfg.dtype))
+    self.dropout_rate = cfg.dropout_rate
+
+  def __call__(self, x_BxLxD, *, self_mask, encoded=None, cross_mask=None, name: str,
+               deterministic: bool, rngs: nnx.Rngs | None):
+    length = x_BxLxD.shape[1]
+    bias = self.rel_bias(length, length)
+    aux = {}
+    x_BxLxD = dropout(x_BxLxD, self.dropout_rate, rngs, deterministic)
+    for i, layer in enumerate(self.layers):
+      x_BxLxD, stats = layer(x_BxLxD, self_mask=self_mask, self_bias=bias, encoded=encoded,
+                             cross_mask=cross_mask, deterministic=deterministic, rngs=rngs)
+      if stats is not None:
+        aux[f'{name}/layer_{i}'] = stats
+    x_BxLxD = self.final_norm(x_BxLxD)
+    return dropout(x_BxLxD, self.dropout_rate, rngs, deterministic), aux
+
+
+def attention_mask(query_valid_BxL, key_valid_BxK, causal: bool) -> jax.Array:
+  """mask_Bx1xLxK: True where a query may attend to a key."""
+  mask = query_valid_BxL[:, None, :, None] & key_valid_BxK[:, None, None, :]
+  if causal:
+    length = query_valid_BxL.shape[1]
+    mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+  return mask
+
+
+class LanguageModel(nnx.Module):
+  """Encoder-decoder (``arch='encoder_decoder'``) or decoder-only (``'decoder'``) model.
+
+  Batch keys: ``decoder_input_tokens`` and ``decoder_target_tokens`` int32 [B, Lt] (targets
+  > 0 mark real tokens; the decoder input starts with 0), and for the encoder-decoder
+  ``encoder_input_tokens`` int32 [B, Li] (0 = padding).
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if cfg.arch not in ('encoder_decoder', 'decoder'):
+      raise ValueError(f'model.arch={cfg.arch!r}: expected "encoder_decoder" or "decoder"')
+    dtype = jnp.dtype(cfg.dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_scale=cfg.init_scale, dtype=dtype,
+                       rngs=rngs)
+    self.encoder = (Stack(cfg, cfg.num_layers, causal=False, cross_attention=False, rngs=rngs)
+                    if cfg.arch == 'encoder_decoder' else None)
+    num_decoder = cfg.num_decoder_layers if cfg.num_decoder_layers > 0 else cfg.num_layers
+    self.decoder = Stack(cfg, num_decoder, causal=True,
+                         cross_attention=cfg.arch == 'encoder_decoder', rngs=rngs)
+    self.logits_kernel = (None if cfg.tie_embeddings else init_param(
+        rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.init_scale))
+    self.dtype, self.d_model = dtype, cfg.d_model
+
+  def __call__(self, batch: Batch, *, deterministic: bool, rngs: nnx.Rngs | None = None
+               ) -> tuple[jax.Array, dict]:
+    """Returns (logits_BxLtxV in float32, aux)."""
+    targets_BxLt = batch['decoder_target_tokens']
+    target_valid = targets_BxLt > 0
+    aux, encoded, cross_mask = {}, None, None
+    if self.encoder is not None:
+      inputs_BxLi = batch['encoder_input_tokens']
+      input_valid = inputs_BxLi > 0
+      encoded, aux = self.encoder(
+          self.embed(inputs_BxLi), self_mask=attention_mask(input_valid, input_valid, False),
+          name='encoder', deterministic=deterministic, rngs=rngs)
+      cross_mask = attention_mask(target_valid, input_valid, False)
+    x_BxLtxD, decoder_aux = self.decoder(
+        self.embed(batch['decoder_input_tokens']),
+        self_mask=attention_mask(target_valid, target_valid, True), encoded=encoded,
+        cross_mask=cross_mask, name='decoder', deterministic=deterministic, rngs=rngs)
+    if self.logits_kernel is None:
+      # Tied embeddings: rescale as T5 does, since the embedding was drawn with std ~ 1.
+      logits = self.embed.attend(x_BxLtxD) / jnp.sqrt(self.d_model).astype(self.dtype)
+    else:
+      logits = jnp.einsum('bld,dv->blv', x_BxLtxD, self.logits_kernel[...].astype(self.dtype))
+    logits = constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    return logits, {**aux, **decoder_aux}
+
+
+def loss_and_metrics(model: LanguageModel, batch: Batch, *, deterministic: bool,
+                     rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
+  """Total loss = token-mean cross-entropy + sum over Switch layers of their aux losses.
+
+  Returns (loss, metrics): ``ce``, ``accuracy``, ``load_balance``, ``z_loss``, ``loss``,
+  ``dropped_fraction`` (mean over Switch layers) and ``moe`` (per-layer stats).
+  """
+  logits_BxLxV, aux = model(batch, deterministic=deterministic, rngs=rngs)
+  targets = batch['decoder_target_tokens']
+  weights = batch['decoder_loss_weights'].astype(jnp.float32)
+  token_ce = -jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV), targets[..., None],
+                                  axis=-1)[..., 0]
+  denom = jnp.maximum(jnp.sum(weights), 1.0)
+  ce = jnp.sum(token_ce * weights) / denom
+  accuracy = jnp.sum((jnp.argmax(logits_BxLxV, -1) == targets) * weights) / denom
+  stats = list(aux.values())
+  zero = jnp.zeros((), jnp.float32)
+  load_balance = sum((s['load_balance'] for s in stats), zero)
+  z_loss = sum((s['z_loss'] for s in stats), zero)
+  loss = ce + load_balance + z_loss
+  dropped = (sum(s['dropped_fraction'] for s in stats) / len(stats)) if stats else zero
+  return loss, {'loss': loss, 'ce': ce, 'accuracy': accuracy, 'load_balance': load_balance,
+                'z_loss': z_loss, 'dropped_fraction': dropped, 'moe': aux}
