@@ -82,17 +82,18 @@ def make_setup(config: ml_collections.ConfigDict,
 
   def train_step(state: State, batch) -> tuple[State, dict]:
     step_key = jax.random.fold_in(base_key, state['step'])
-    rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, 0),
-                    jitter=jax.random.fold_in(step_key, 1))
 
     def loss_fn(params):
+      # Rngs are stateful: build them inside the differentiated function's trace.
+      rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, 0),
+                      jitter=jax.random.fold_in(step_key, 1))
       return loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=False,
                               rngs=rngs)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    learning_rate=lr_schedule(state['step']))
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 

@@ -1,0 +1,37 @@
+"""Small configs and synthetic batches shared by the tests."""
+
+import numpy as np
+
+from switchmoe.config import default_config
+
+
+def tiny_config(arch='encoder_decoder', **moe):
+  """A model small enough to compile and step in about a second on the CPU."""
+  c = default_config()
+  m = c.model
+  m.arch = arch
+  m.d_model, m.num_layers, m.num_heads, m.d_kv, m.d_ff = 32, 2, 2, 16, 64
+  m.moe.num_experts, m.moe.every, m.moe.group_size = 8, 1, 32
+  m.moe.update(moe)
+  c.data.inputs_length, c.data.targets_length = 32, 16
+  c.train.batch_size = 8
+  c.optim.name, c.optim.schedule, c.optim.learning_rate = 'adamw', 'constant', 1e-3
+  return c
+
+
+def random_batch(c, seed=0):
+  """Random tokens in the batch layout of switchmoe.data (padding at the ends of rows)."""
+  rng = np.random.default_rng(seed)
+  b, li, lt = c.train.batch_size, c.data.inputs_length, c.data.targets_length
+  targets = rng.integers(3, 359, (b, lt)).astype(np.int32)
+  targets[:, lt - 3:] *= (rng.random((b, 1)) < 0.5)  # some rows end in padding
+  batch = {
+      'decoder_target_tokens': targets,
+      'decoder_input_tokens': np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
+      'decoder_loss_weights': (targets > 0).astype(np.float32),
+  }
+  if c.model.arch == 'encoder_decoder':
+    inputs = rng.integers(3, 359, (b, li)).astype(np.int32)
+    inputs[:, li - 5:] = 0
+    batch['encoder_input_tokens'] = inputs
+  return batch

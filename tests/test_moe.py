@@ -1,0 +1,470 @@
+"""Switch MoE layer against an independent NumPy float64 reference (SW §2), plus invariances.
+
+The reference below is written from the Switch Transformer definition as a per-token loop and
+calls no library code: each group of S consecutive tokens (row-major over [B, L]) routes token
+by token, in sequence order, to its argmax expert; a token whose expert already holds
+``capacity`` tokens of this group is dropped (output 0), otherwise its output is
+p_i(x) * FFN_i(x).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from switchmoe.moe import MoeLayer
+
+D, F = 4, 8           # d_model, d_ff
+B, L = 2, 8           # 16 tokens per batch
+
+
+# --------------------------------------------------------------------------------------------
+# Reference.
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _ffn(x_D, wi_DxF, wo_FxD, wi_gate_DxF, activation):
+  h = x_D @ wi_DxF
+  if activation == 'geglu':
+    h = _gelu_tanh(x_D @ wi_gate_DxF) * h
+  else:
+    h = np.maximum(h, 0.0)
+  return h @ wo_FxD
+
+
+def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activation,
+              alpha=0.0, beta=0.0, router_x_BxLxD=None):
+  """Float64 Switch layer. ``w``: dict of router [D,E], wi [E,D,F], wo [E,F,D], wi_gate.
+
+  ``router_x_BxLxD`` (optional) is the router's input when it differs from the experts' input
+  (router jitter). Returns (y_BxLxD, stats, details).
+  """
+  x = np.asarray(x_BxLxD, np.float64)
+  b, l, d = x.shape
+  xs = x.reshape(-1, d)
+  rx = xs if router_x_BxLxD is None else np.asarray(router_x_BxLxD, np.float64).reshape(-1, d)
+  wr = np.asarray(w['router'], np.float64)
+  wi = np.asarray(w['wi'], np.float64)
+  wo = np.asarray(w['wo'], np.float64)
+  wg = None if w.get('wi_gate') is None else np.asarray(w['wi_gate'], np.float64)
+  e = wr.shape[1]
+  n = xs.shape[0]
+  s = min(group_size, n)
+  assert n % s == 0
+  g = n // s
+  capacity = max(min_capacity, math.floor(s * capacity_factor / e))
+
+  y = np.zeros_like(xs)
+  kept = np.zeros(n, bool)
+  top = np.zeros(n, int)
+  margin = np.inf                     # smallest top-1 / top-2 logit gap (tie sanity check)
+  lse_sq, top_p = [], []
+  balance = []
+  for gi in range(g):
+    count = np.zeros(e, int)
+    f_sum, p_sum = np.zeros(e), np.zeros(e)
+    for t in range(s):
+      j = gi * s + t
+      logits = rx[j] @ wr
+      m = logits.max()
+      p = np.exp(logits - m)
+      p /= p.sum()
+      i = int(np.argmax(p))
+      top[j] = i
+      if e > 1:
+        margin = min(margin, np.sort(logits)[-1] - np.sort(logits)[-2])
+      lse_sq.append((m + np.log(np.sum(np.exp(logits - m)))) ** 2)
+      top_p.append(p[i])
+      f_sum[i] += 1
+      p_sum += p
+      if count[i] < capacity:
+        y[j] = p[i] * _ffn(xs[j], wi[i], wo[i], None if wg is None else wg[i], activation)
+        count[i] += 1
+        kept[j] = True
+      # else: dropped, y[j] stays 0 (the residual carries the token).
+    balance.append(e * np.sum((f_sum / s) * (p_sum / s)))
+  stats = {
+      'load_balance': alpha * np.mean(balance),
+      'z_loss': beta * np.mean(lse_sq),
+      'dropped_fraction': 1.0 - kept.mean(),
+      'expert_fraction_E': np.bincount(top, minlength=e) / n,
+      'confidence': np.mean(top_p),
+  }
+  details = dict(capacity=capacity, kept=kept.reshape(b, l), top=top.reshape(b, l),
+                 margin=margin, groups=g, group_size=s)
+  return y.reshape(b, l, d), stats, details
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacity_factor=None,
+               min_capacity=1, alpha=0.0, beta=0.0, jitter=0.0, activation='relu', seed=0,
+               router_std=1.0):
+  """A float32 MoeLayer with NumPy-drawn weights (built abstractly: no init compilation).
+
+  Router kernel ~ N(0, router_std^2); expert matrices ~ N(0, 1 / fan_in).
+  """
+  eval_cf = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
+  layer = nnx.eval_shape(lambda: MoeLayer(
+      D, F, num_experts=num_experts, group_size=group_size, capacity_factor=capacity_factor,
+      eval_capacity_factor=eval_cf, min_capacity=min_capacity, load_balance_loss=alpha,
+      router_z_loss=beta, jitter=jitter, activation=activation, init_scale=1.0,
+      expert_dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  rs = np.random.RandomState(seed)
+  for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+    std = router_std if path[0] == 'router' else 1.0 / math.sqrt(var.shape[-2])
+    var.set_value(jnp.asarray((std * rs.randn(*var.shape)).astype(np.float32)))
+  return layer
+
+
+@nnx.jit(static_argnames='deterministic')
+def call(layer, x, deterministic=True, rngs=None):
+  return layer(x, deterministic=deterministic, rngs=rngs)
+
+
+def weights(layer):
+  gate = layer.experts.wi_gate
+  return {
+      'router': np.asarray(layer.router.kernel[...]),
+      'wi': np.asarray(layer.experts.wi[...]),
+      'wo': np.asarray(layer.experts.wo[...]),
+      'wi_gate': None if gate is None else np.asarray(gate[...]),
+  }
+
+
+def random_x(seed, shape=(B, L, D)):
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+def assert_stats_close(stats, ref_stats, rtol=1e-5, atol=1e-6):
+  assert set(stats) == set(ref_stats)
+  for k, v in ref_stats.items():
+    np.testing.assert_allclose(np.asarray(stats[k]), v, rtol=rtol, atol=atol, err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Layer == reference over a grid of configurations.
+
+_GRID = [
+    # (num_experts, capacity_factor, group_size, activation, min_capacity, capacity by hand);
+    # 16 tokens per batch.
+    (1, 0.5, 8, 'relu', 1, 4),       # one expert: half of each group dropped
+    (1, 1.0, 16, 'geglu', 1, 16),
+    (2, 0.5, 4, 'relu', 1, 1),       # floor(4 * 0.5 / 2) = 1
+    (2, 0.5, 4, 'geglu', 3, 3),      # min_capacity 3 > 1
+    (2, 1.0, 16, 'relu', 3, 8),      # min_capacity has no effect
+    (4, 0.5, 8, 'geglu', 1, 1),
+    (4, 0.5, 8, 'relu', 3, 3),       # from min_capacity
+    (4, 1.0, 4, 'relu', 1, 1),       # four groups
+    (4, 1.0, 4, 'geglu', 3, 3),
+    (4, 1.25, 8, 'relu', 1, 2),      # floor(2.5) = 2
+    (4, 1.25, 8, 'geglu', 3, 3),
+    (4, 2.0, 16, 'geglu', 1, 8),
+    (4, 1.0, 32, 'relu', 1, 4),      # group_size capped at the 16 tokens
+    (8, 1.0, 8, 'relu', 1, 1),
+    (8, 1.0, 8, 'geglu', 3, 3),
+    (8, 4.0, 32, 'relu', 1, 8),
+]
+
+
+def _grid_case(i):
+  e, cf, gs, act, mc, _ = _GRID[i]
+  layer = make_layer(num_experts=e, group_size=gs, capacity_factor=cf, min_capacity=mc,
+                     alpha=0.01, beta=0.001, activation=act, seed=i)
+  return layer, random_x(i + 1)
+
+
+@pytest.mark.parametrize('case', range(len(_GRID)),
+                         ids=['E{}-cf{}-S{}-{}-min{}'.format(*c[:5]) for c in _GRID])
+def test_matches_reference(case):
+  e, cf, gs, act, mc, capacity = _GRID[case]
+  alpha, beta = 0.01, 0.001
+  layer, x = _grid_case(case)
+  y, stats = call(layer, jnp.asarray(x))
+  assert y.shape == x.shape and y.dtype == jnp.float32
+  y_ref, stats_ref, info = reference(x, weights(layer), group_size=gs, capacity_factor=cf,
+                                     min_capacity=mc, activation=act, alpha=alpha, beta=beta)
+  assert info['capacity'] == capacity
+  assert info['margin'] > 1e-3, 'near-tie in routing: pick another seed'
+  np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-6)
+  assert_stats_close(stats, stats_ref)
+  # Dropped tokens are exactly zero, kept ones are not.
+  y = np.asarray(y)
+  assert np.all(y[~info['kept']] == 0.0)
+  assert np.all(np.any(y[info['kept']] != 0.0, axis=-1))
+
+
+def test_reference_grid_covers_drops_and_min_capacity():
+  """The grid above drops tokens in most cases and has capacity set by min_capacity."""
+  dropping, raised = 0, 0
+  for i, (e, cf, gs, act, mc, capacity) in enumerate(_GRID):
+    layer, x = _grid_case(i)
+    _, stats, _ = reference(x, weights(layer), group_size=gs, capacity_factor=cf,
+                            min_capacity=mc, activation=act)
+    dropping += stats['dropped_fraction'] > 0
+    raised += mc > math.floor(min(gs, B * L) * cf / e)
+  assert dropping >= 8 and raised >= 4
+
+
+def test_min_capacity_raises_capacity():
+  """floor(8 * 0.5 / 4) = 1 slot, but min_capacity 3 gives 3: fewer drops, same kept outputs."""
+  x = random_x(3)
+  out = {}
+  for mc in (1, 3):
+    layer = make_layer(num_experts=4, group_size=8, capacity_factor=0.5, min_capacity=mc,
+                       seed=7)
+    y, stats = call(layer, jnp.asarray(x), True, None)
+    _, _, info = reference(x, weights(layer), group_size=8, capacity_factor=0.5,
+                           min_capacity=mc, activation='relu')
+    assert info['capacity'] == mc
+    out[mc] = (np.asarray(y), float(stats['dropped_fraction']), info['kept'])
+  (y1, d1, k1), (y3, d3, k3) = out[1], out[3]
+  assert d3 < d1
+  assert np.all(k3[k1])                     # everything kept at capacity 1 is kept at 3
+  np.testing.assert_array_equal(y1[k1], y3[k1])
+
+
+def test_group_size_must_divide_tokens():
+  layer = make_layer(group_size=6)
+  with pytest.raises(ValueError, match='group_size'):
+    layer(jnp.asarray(random_x(0)), deterministic=True, rngs=None)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Every token picks the same expert.
+
+
+def _one_expert_layer(expert, *, num_experts=4, group_size=8, capacity_factor=1.0,
+                      eval_capacity_factor=None, min_capacity=1):
+  """Router sends every token with positive features to ``expert``; experts give nonzero y."""
+  layer = make_layer(num_experts=num_experts, group_size=group_size,
+                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                     min_capacity=min_capacity)
+  kernel = np.zeros((D, num_experts), np.float32)
+  kernel[:, expert] = 1.0
+  layer.router.kernel[...] = jnp.asarray(kernel)
+  # Positive expert weights: every kept token has a strictly positive output.
+  layer.experts.wi[...] = jnp.asarray(np.abs(np.asarray(layer.experts.wi[...])) + 0.1)
+  layer.experts.wo[...] = jnp.asarray(np.abs(np.asarray(layer.experts.wo[...])) + 0.1)
+  return layer
+
+
+def _positive_x(seed):
+  return (np.abs(random_x(seed)) + 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize('expert', [0, 2])
+def test_all_tokens_same_expert_keeps_first_capacity(expert):
+  e, gs = 4, 8
+  layer = _one_expert_layer(expert, num_experts=e, group_size=gs, capacity_factor=1.0)
+  capacity = 2                                   # floor(8 * 1.0 / 4)
+  x = _positive_x(1)
+  y, stats = call(layer, jnp.asarray(x), True, None)
+  y = np.asarray(y).reshape(-1, gs, D)           # [G, S, D]
+  assert np.all(y[:, :capacity] > 0.0)           # the first `capacity` of each group are kept
+  assert np.all(y[:, capacity:] == 0.0)          # the rest are exactly zero
+  y_ref, stats_ref, info = reference(x, weights(layer), group_size=gs, capacity_factor=1.0,
+                                     min_capacity=1, activation='relu')
+  assert info['capacity'] == capacity
+  np.testing.assert_allclose(y, y_ref.reshape(-1, gs, D), rtol=1e-5, atol=1e-6)
+  assert float(stats['dropped_fraction']) == pytest.approx(1.0 - capacity / gs)
+  np.testing.assert_array_equal(np.asarray(stats['expert_fraction_E']), np.eye(e)[expert])
+  assert_stats_close(stats, stats_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Train vs eval capacity factor.
+
+
+@pytest.mark.parametrize('train_cf,eval_cf', [(2.0, 0.5), (0.5, 1.5)])
+def test_train_and_eval_capacity_factor(train_cf, eval_cf):
+  e, gs = 4, 8
+  layer = _one_expert_layer(1, num_experts=e, group_size=gs, capacity_factor=train_cf,
+                            eval_capacity_factor=eval_cf)
+  x = _positive_x(2)
+  w = weights(layer)
+  for deterministic, cf in ((True, eval_cf), (False, train_cf)):
+    capacity = max(1, math.floor(gs * cf / e))
+    y, stats = call(layer, jnp.asarray(x), deterministic, None)
+    y = np.asarray(y).reshape(-1, gs, D)
+    kept = np.any(y != 0.0, axis=-1)                           # [G, S]
+    np.testing.assert_array_equal(kept.sum(axis=1), capacity)
+    assert np.all(kept[:, :capacity])
+    assert float(stats['dropped_fraction']) == pytest.approx(1.0 - capacity / gs)
+    y_ref, _, _ = reference(x, w, group_size=gs, capacity_factor=cf, min_capacity=1,
+                            activation='relu')
+    np.testing.assert_allclose(y, y_ref.reshape(-1, gs, D), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Gradients.
+
+
+def _loss_fn(graphdef, c):
+  def loss(params, rest, x):
+    layer = nnx.merge(graphdef, params, rest)
+    y, stats = call(layer, x, True, None)
+    return jnp.sum(y * c) + stats['load_balance'] + stats['z_loss']
+  return loss
+
+
+@pytest.mark.parametrize('activation', ['relu', 'geglu'])
+@pytest.mark.parametrize('alpha,beta', [(0.0, 0.0), (0.1, 0.01)])
+def test_gradients_nonzero_and_finite(activation, alpha, beta):
+  """Router gets gradient through the gate alone (alpha = beta = 0) and with aux losses."""
+  layer = make_layer(num_experts=4, group_size=8, capacity_factor=1.0, alpha=alpha, beta=beta,
+                     activation=activation)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  c = jnp.asarray(np.random.RandomState(1).randn(B, L, D), jnp.float32)
+  x = jnp.asarray(random_x(4))
+  grads = jax.jit(jax.grad(_loss_fn(graphdef, c)))(params, rest, x)
+  leaves = {'router': grads['router']['kernel'][...], 'wi': grads['experts']['wi'][...],
+            'wo': grads['experts']['wo'][...]}
+  if activation == 'geglu':
+    leaves['wi_gate'] = grads['experts']['wi_gate'][...]
+  for name, gvalue in leaves.items():
+    gvalue = np.asarray(gvalue)
+    assert np.all(np.isfinite(gvalue)), name
+    assert np.any(gvalue != 0.0), name
+  # Every expert that received a token gets gradient on wo.
+  _, _, info = reference(np.asarray(x), weights(layer), group_size=8, capacity_factor=1.0,
+                         min_capacity=1, activation=activation)
+  used = np.unique(info['top'][info['kept']])
+  wo_norm = np.abs(np.asarray(leaves['wo'])).sum(axis=(1, 2))
+  assert np.all(wo_norm[used] > 0.0)
+  unused = np.setdiff1d(np.arange(4), used)
+  assert np.all(wo_norm[unused] == 0.0)
+
+
+def test_router_gradient_matches_finite_difference_of_reference():
+  """jax.grad (float32) of the router kernel vs central differences of the float64 reference.
+
+  Routing decisions are locally constant, so the derivative flows through the gates p_i(x),
+  the P_i term of the load-balance loss and the z-loss.
+  """
+  alpha, beta, gs, cf = 0.1, 0.01, 8, 1.0
+  layer = make_layer(num_experts=4, group_size=gs, capacity_factor=cf, alpha=alpha, beta=beta,
+                     activation='geglu', seed=3)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  c = np.random.RandomState(2).randn(B, L, D)
+  x = random_x(6)
+  grads = jax.jit(jax.grad(_loss_fn(graphdef, jnp.asarray(c, jnp.float32))))(
+      params, rest, jnp.asarray(x))
+  g_router = np.asarray(grads['router']['kernel'][...])
+
+  w = {k: (None if v is None else v.astype(np.float64)) for k, v in weights(layer).items()}
+
+  def ref_loss(wr):
+    y, stats, info = reference(x, {**w, 'router': wr}, group_size=gs, capacity_factor=cf,
+                               min_capacity=1, activation='geglu', alpha=alpha, beta=beta)
+    return np.sum(y * c) + stats['load_balance'] + stats['z_loss'], info
+
+  base, info = ref_loss(w['router'])
+  assert info['margin'] > 1e-3
+  eps = 1e-6
+  fd = np.zeros_like(w['router'])
+  for idx in np.ndindex(*w['router'].shape):
+    wp, wm = w['router'].copy(), w['router'].copy()
+    wp[idx] += eps
+    wm[idx] -= eps
+    (lp, ip), (lm, im) = ref_loss(wp), ref_loss(wm)
+    np.testing.assert_array_equal(ip['top'], info['top'])
+    np.testing.assert_array_equal(im['kept'], info['kept'])
+    fd[idx] = (lp - lm) / (2 * eps)
+  assert np.any(fd != 0.0)
+  np.testing.assert_allclose(g_router, fd, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Expert permutation.
+
+
+@pytest.mark.parametrize('capacity_factor', [4.0, 0.5])
+def test_expert_permutation(capacity_factor):
+  """Relabelling experts permutes expert_fraction and changes nothing else.
+
+  At capacity_factor 4 (capacity = S) nothing is dropped; at 0.5 tokens are dropped, but which
+  ones depends only on each expert's own queue, so the output is still unchanged.
+  """
+  e, gs = 4, 8
+  layer = make_layer(num_experts=e, group_size=gs, capacity_factor=capacity_factor,
+                     alpha=0.01, beta=0.001, activation='geglu', seed=11)
+  x = jnp.asarray(random_x(8))
+  y, stats = call(layer, x, True, None)
+  if capacity_factor == 4.0:
+    assert float(stats['dropped_fraction']) == 0.0
+  else:
+    assert float(stats['dropped_fraction']) > 0.0
+  perm = np.array([2, 0, 3, 1])
+  w = weights(layer)
+  layer.router.kernel[...] = jnp.asarray(w['router'][:, perm])
+  layer.experts.wi[...] = jnp.asarray(w['wi'][perm])
+  layer.experts.wi_gate[...] = jnp.asarray(w['wi_gate'][perm])
+  layer.experts.wo[...] = jnp.asarray(w['wo'][perm])
+  y_p, stats_p = call(layer, x, True, None)
+  np.testing.assert_allclose(np.asarray(y_p), np.asarray(y), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(stats_p['expert_fraction_E']),
+                                np.asarray(stats['expert_fraction_E'])[perm])
+  for k in ('load_balance', 'z_loss', 'dropped_fraction', 'confidence'):
+    np.testing.assert_allclose(np.asarray(stats_p[k]), np.asarray(stats[k]), rtol=1e-6,
+                               err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Router jitter.
+
+
+def test_jitter_is_off_in_eval_mode():
+  x = jnp.asarray(random_x(9))
+  plain = make_layer(num_experts=4, group_size=8, jitter=0.0, alpha=0.01, beta=0.001, seed=5)
+  jittery = make_layer(num_experts=4, group_size=8, jitter=0.5, alpha=0.01, beta=0.001, seed=5)
+  y0, s0 = call(plain, x, True, None)
+  y1, s1 = call(jittery, x, True, nnx.Rngs(jitter=0))
+  y2, s2 = call(jittery, x, True, None)
+  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+  np.testing.assert_array_equal(np.asarray(y2), np.asarray(y0))
+  for k in s0:
+    np.testing.assert_array_equal(np.asarray(s1[k]), np.asarray(s0[k]))
+
+
+def test_jitter_in_training_mode():
+  jit_eps = 0.01
+  x = random_x(10)
+  plain = make_layer(num_experts=4, group_size=8, capacity_factor=4.0, jitter=0.0, seed=5,
+                     activation='geglu')
+  jittery = make_layer(num_experts=4, group_size=8, capacity_factor=4.0, jitter=jit_eps,
+                       seed=5, activation='geglu')
+  with pytest.raises(ValueError, match='jitter'):
+    jittery(jnp.asarray(x), deterministic=False, rngs=None)
+
+  y0, _ = call(plain, jnp.asarray(x), False, None)
+  y1, _ = call(jittery, jnp.asarray(x), False, nnx.Rngs(jitter=0))
+  y0, y1 = np.asarray(y0), np.asarray(y1)
+  assert not np.array_equal(y1, y0)
+  # Small multiplicative noise on the router input only: same routing here, gates move a bit.
+  np.testing.assert_allclose(y1, y0, rtol=0.1, atol=0.05)
+
+  # The noise multiplies the router input only; the experts still see the clean x. Redraw the
+  # same noise from an identical stream and feed it to the reference.
+  noise = np.asarray(jax.random.uniform(nnx.Rngs(jitter=0).jitter(), (2, 8, D), jnp.float32,
+                                        1.0 - jit_eps, 1.0 + jit_eps))   # [G, S, D]
+  assert np.all(np.abs(noise - 1.0) <= jit_eps)
+  router_x = (x.reshape(2, 8, D) * noise).reshape(x.shape)
+  y_ref, _, _ = reference(x, weights(jittery), group_size=8, capacity_factor=4.0,
+                          min_capacity=1, activation='geglu', router_x_BxLxD=router_x)
+  np.testing.assert_allclose(y1, y_ref, rtol=1e-5, atol=1e-6)
+
+  # Different streams give different noise.
+  y2, _ = call(jittery, jnp.asarray(x), False, nnx.Rngs(jitter=1))
+  assert not np.array_equal(np.asarray(y2), y1)
