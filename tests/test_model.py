@@ -1,0 +1,116 @@
+"""Model structure, shapes, gradients, masks and initialisation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from switchmoe.layers import relative_position_bucket
+from switchmoe.model import LanguageModel, is_moe_layer, loss_and_metrics
+from tests.helpers import random_batch, tiny_config
+
+
+def loss_grads(c, batch):
+  model = LanguageModel(c.model, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+
+  def f(p):
+    return loss_and_metrics(nnx.merge(graphdef, p), batch, deterministic=False,
+                            rngs=nnx.Rngs(dropout=0, jitter=1))
+
+  return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+
+@pytest.mark.parametrize('arch', ['encoder_decoder', 'decoder'])
+def test_forward_backward_reaches_every_parameter(arch):
+  c = tiny_config(arch, every=2, jitter=0.01)
+  c.model.num_layers = 4
+  c.model.dropout_rate = 0.1
+  (loss, metrics), grads = loss_grads(c, random_batch(c))
+  assert np.isfinite(loss)
+  # Untrained: cross-entropy near log(vocab), each Switch layer's balance loss near alpha.
+  assert abs(float(metrics['ce']) - math.log(c.model.vocab_size)) < 0.5
+  stacks = ['decoder'] + (['encoder'] if arch == 'encoder_decoder' else [])
+  assert sorted(metrics['moe']) == sorted(f'{s}/layer_{i}' for s in stacks for i in (1, 3))
+  n = len(metrics['moe'])
+  assert 0.9 * 0.01 * n < float(metrics['load_balance']) < 1.5 * 0.01 * n
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(g)), path
+    assert np.any(g != 0), f'no gradient reaches {jax.tree_util.keystr(path)}'
+
+
+def test_dense_model_has_no_aux_losses():
+  c = tiny_config(every=0)
+  (loss, metrics), _ = loss_grads(c, random_batch(c))
+  assert metrics['moe'] == {}
+  assert float(metrics['load_balance']) == 0 and float(metrics['z_loss']) == 0
+  assert float(loss) == pytest.approx(float(metrics['ce']))
+
+
+def test_moe_layer_placement():
+  assert [i for i in range(6) if is_moe_layer(i, 2)] == [1, 3, 5]
+  assert [i for i in range(3) if is_moe_layer(i, 1)] == [0, 1, 2]
+  assert not any(is_moe_layer(i, 0) for i in range(6))
+
+
+def test_decoder_is_causal():
+  # Large eval capacity: no token is dropped, so routing cannot couple positions either.
+  c = tiny_config('decoder', eval_capacity_factor=8.0)
+  model = LanguageModel(c.model, rngs=nnx.Rngs(0))
+  batch = random_batch(c)
+  batch['decoder_target_tokens'][:] = np.maximum(batch['decoder_target_tokens'], 3)
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['decoder_input_tokens'][:, 9:] = 7
+  logits_a, _ = model(batch, deterministic=True)
+  logits_b, _ = model(changed, deterministic=True)
+  np.testing.assert_allclose(logits_a[:, :9], logits_b[:, :9], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits_a[:, 9:], logits_b[:, 9:])
+
+
+def reference_bucket(relative_position, bidirectional, num_buckets, max_distance):
+  """T5's bucketing, one integer at a time."""
+  n, bucket = -relative_position, 0
+  if bidirectional:
+    num_buckets //= 2
+    bucket = num_buckets if n < 0 else 0
+    n = abs(n)
+  else:
+    n = max(n, 0)
+  max_exact = num_buckets // 2
+  if n < max_exact:
+    return bucket + n
+  large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact)
+                          * (num_buckets - max_exact))
+  return bucket + min(large, num_buckets - 1)
+
+
+@pytest.mark.parametrize('bidirectional', [True, False])
+def test_relative_position_buckets_match_reference(bidirectional):
+  rel = np.arange(-300, 301)
+  got = relative_position_bucket(jnp.asarray(rel), bidirectional=bidirectional,
+                                 num_buckets=32, max_distance=128)
+  want = [reference_bucket(int(r), bidirectional, 32, 128) for r in rel]
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize('scale', [0.1, 1.0])
+def test_init_scale_sets_weight_std(scale):
+  c = tiny_config()
+  c.model.d_model, c.model.d_ff, c.model.init_scale = 256, 1024, scale
+  model = LanguageModel(c.model, rngs=nnx.Rngs(0))
+  wi = np.asarray(model.encoder.layers[0].ffn.experts.wi[...])  # [E, d_model, d_ff]
+  np.testing.assert_allclose(wi.std(), math.sqrt(scale / 256), rtol=0.02)
+  assert np.abs(wi).max() <= 2 * math.sqrt(scale / 256) / 0.8796 + 1e-6  # cut at 2 std
+
+
+def test_bfloat16_activations_keep_float32_router_and_params():
+  c = tiny_config()
+  c.model.dtype = 'bfloat16'
+  (loss, metrics), grads = loss_grads(c, random_batch(c))
+  assert np.isfinite(loss)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  assert metrics['moe']['encoder/layer_0']['z_loss'].dtype == jnp.float32
