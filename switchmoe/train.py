@@ -179,6 +179,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       tokens = tokens_per_step(config)
       for step in range(start + 1, t.num_steps + 1):
         state, metrics = s.train_step(state, device_batch(s, next(data_iter)))
+        if step == start + 1:  # keep compilation out of the step-time and ETA figures
+          jax.block_until_ready(metrics)
+          first_step_time = progress.lap(step)
+          if lead:
+            print(f'Compiled and ran the first step in {first_step_time:.1f} s', flush=True)
         last = step == t.num_steps
         if step % t.log_every == 0 or step % t.eval_every == 0 or last:
           metrics = jax.device_get(metrics)  # waits for the step: timing below is honest

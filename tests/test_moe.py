@@ -9,7 +9,6 @@ p_i(x) * FFN_i(x).
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import jax
@@ -347,11 +346,13 @@ def test_gradients_nonzero_and_finite(activation, alpha, beta):
   assert np.all(wo_norm[unused] == 0.0)
 
 
-def test_router_gradient_matches_finite_difference_of_reference():
-  """jax.grad (float32) of the router kernel vs central differences of the float64 reference.
+def test_gradients_match_finite_difference_of_reference():
+  """jax.grad (float32) vs central differences of the float64 reference.
 
-  Routing decisions are locally constant, so the derivative flows through the gates p_i(x),
-  the P_i term of the load-balance loss and the z-loss.
+  Checked entrywise for the router kernel and the input x, along random directions for the
+  expert weights. Routing decisions are locally constant, so the router's derivative flows
+  through the gates p_i(x), the P_i term of the load-balance loss and the z-loss; x's also
+  through the experts. Some tokens are dropped here (capacity 2 per 8-token group).
   """
   alpha, beta, gs, cf = 0.1, 0.01, 8, 1.0
   layer = make_layer(num_experts=4, group_size=gs, capacity_factor=cf, alpha=alpha, beta=beta,
@@ -359,31 +360,52 @@ def test_router_gradient_matches_finite_difference_of_reference():
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
   c = np.random.RandomState(2).randn(B, L, D)
   x = random_x(6)
-  grads = jax.jit(jax.grad(_loss_fn(graphdef, jnp.asarray(c, jnp.float32))))(
-      params, rest, jnp.asarray(x))
-  g_router = np.asarray(grads['router']['kernel'][...])
+  g_params, g_x = jax.jit(jax.grad(_loss_fn(graphdef, jnp.asarray(c, jnp.float32)),
+                                   argnums=(0, 2)))(params, rest, jnp.asarray(x))
+  grads = {'router': g_params['router']['kernel'][...], 'wi': g_params['experts']['wi'][...],
+           'wi_gate': g_params['experts']['wi_gate'][...], 'wo': g_params['experts']['wo'][...],
+           'x': g_x}
+  grads = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+  base = {k: v.astype(np.float64) for k, v in weights(layer).items()}
+  base['x'] = x.astype(np.float64)
 
-  w = {k: (None if v is None else v.astype(np.float64)) for k, v in weights(layer).items()}
-
-  def ref_loss(wr):
-    y, stats, info = reference(x, {**w, 'router': wr}, group_size=gs, capacity_factor=cf,
-                               min_capacity=1, activation='geglu', alpha=alpha, beta=beta)
+  def ref_loss(values):
+    w = dict(values)
+    xx = w.pop('x')
+    y, stats, info = reference(xx, w, group_size=gs, capacity_factor=cf, min_capacity=1,
+                               activation='geglu', alpha=alpha, beta=beta)
     return np.sum(y * c) + stats['load_balance'] + stats['z_loss'], info
 
-  base, info = ref_loss(w['router'])
+  _, info = ref_loss(base)
   assert info['margin'] > 1e-3
+  assert 0 < info['kept'].sum() < B * L
   eps = 1e-6
-  fd = np.zeros_like(w['router'])
-  for idx in np.ndindex(*w['router'].shape):
-    wp, wm = w['router'].copy(), w['router'].copy()
-    wp[idx] += eps
-    wm[idx] -= eps
-    (lp, ip), (lm, im) = ref_loss(wp), ref_loss(wm)
-    np.testing.assert_array_equal(ip['top'], info['top'])
-    np.testing.assert_array_equal(im['kept'], info['kept'])
-    fd[idx] = (lp - lm) / (2 * eps)
-  assert np.any(fd != 0.0)
-  np.testing.assert_allclose(g_router, fd, rtol=1e-3, atol=1e-5)
+
+  def directional(name, direction):
+    plus, minus = dict(base), dict(base)
+    plus[name] = base[name] + eps * direction
+    minus[name] = base[name] - eps * direction
+    (lp, ip), (lm, im) = ref_loss(plus), ref_loss(minus)
+    for other in (ip, im):          # routing unchanged by the perturbation
+      np.testing.assert_array_equal(other['top'], info['top'])
+      np.testing.assert_array_equal(other['kept'], info['kept'])
+    return (lp - lm) / (2 * eps)
+
+  for name in ('router', 'x'):
+    fd = np.zeros_like(base[name])
+    for idx in np.ndindex(*fd.shape):
+      unit = np.zeros_like(fd)
+      unit[idx] = 1.0
+      fd[idx] = directional(name, unit)
+    assert np.any(fd != 0.0)
+    np.testing.assert_allclose(grads[name], fd, rtol=1e-3, atol=1e-5, err_msg=name)
+  rs = np.random.RandomState(0)
+  for name in ('wi', 'wi_gate', 'wo'):
+    for _ in range(3):
+      v = rs.randn(*base[name].shape)
+      fd = directional(name, v)
+      assert fd != 0.0
+      assert np.sum(grads[name] * v) == pytest.approx(fd, rel=1e-3, abs=1e-5), name
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from flax import nnx
 from hypothesis import strategies as st
 
 from switchmoe import routing
@@ -203,7 +204,6 @@ def test_switch_top1_properties(args):
 
 
 def test_router_logits_and_probs():
-  from flax import nnx
   router = routing.Router(3, 4, init_scale=1.0, jitter=0.0, rngs=nnx.Rngs(0))
   kernel = np.random.RandomState(0).randn(3, 4).astype(np.float32)
   router.kernel[...] = jnp.asarray(kernel)
