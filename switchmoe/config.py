@@ -48,6 +48,18 @@ def default_config() -> ml_collections.ConfigDict:
   e.jitter = 0.0               # multiplicative router-input noise epsilon (SW App. C: 0.01)
   e.expert_dropout = 0.0       # dropout inside experts (0.4 when fine-tuning, SW §4)
   e.router_dtype = 'float32'   # selective precision
+  e.router = 'switch'          # 'switch' (top-1) | 'topk' | 'experts_choose'
+  e.num_selected = 2           # k for 'topk' (k=2: the paper's MoE-Base)
+  e.renormalize_gates = True   # 'topk': the k gates sum to 1 (Mesh TF, GShard)
+  e.second_policy = 'all'      # 'topk': 'all' | 'random' (keep w.p. min(1, g2/threshold))
+  e.second_threshold = 0.2
+  e.capacity_scales_with_k = False  # t5x does not scale capacity with k
+  e.batch_prioritized = False  # BPR: confident tokens take capacity first (encoder only)
+  e.ntlb_rounds = 0            # 'switch': no-token-left-behind re-routing rounds (SW App. B)
+  e.exploration = 'argmax'     # | 'sample_softmax' | 'input_dropout' | 'input_jitter' (SW T.11)
+  e.router_input_dropout = 0.1  # rate for exploration='input_dropout'
+  e.importance_loss = 0.0      # GShard / V-MoE importance loss weight
+  e.dispatch = 'einsum'        # 'einsum' | 'gather' | 'dropless' (grouped matmul, no capacity)
 
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'          # embedded corpus: the Python standard library's source
@@ -113,6 +125,38 @@ def _positive(name: str, value) -> None:
     raise ValueError(f'{name}={value!r}: must be > 0')
 
 
+def _validate_routing(e: ml_collections.ConfigDict, arch: str) -> None:
+  """Router / dispatch combinations (model.moe.*)."""
+  from switchmoe.moe import DISPATCHES
+  from switchmoe.routing import EXPLORATION, ROUTERS
+  _choice('model.moe.router', e.router, ROUTERS)
+  _choice('model.moe.dispatch', e.dispatch, DISPATCHES)
+  _choice('model.moe.exploration', e.exploration, EXPLORATION)
+  _choice('model.moe.second_policy', e.second_policy, ('all', 'random'))
+  if e.router == 'topk' and not 1 <= e.num_selected <= e.num_experts:
+    raise ValueError(f'model.moe.num_selected={e.num_selected}: must be in [1, num_experts]')
+  if e.batch_prioritized and arch == 'decoder':
+    raise ValueError('model.moe.batch_prioritized=True: BPR lets later tokens take capacity '
+                     'from earlier ones, which leaks the future in a causal decoder; it applies '
+                     'to encoder layers only, so it needs model.arch="encoder_decoder"')
+  if e.batch_prioritized and e.router == 'experts_choose':
+    raise ValueError('model.moe.batch_prioritized=True: only for tokens-choose routers '
+                     '(switch, topk)')
+  if e.dispatch == 'dropless' and e.router == 'experts_choose':
+    raise ValueError('model.moe.dispatch="dropless": needs a tokens-choose router (switch, '
+                     'topk); experts_choose is capacity-bound by definition')
+  if e.ntlb_rounds and e.router != 'switch':
+    raise ValueError(f'model.moe.ntlb_rounds={e.ntlb_rounds}: only for router="switch"')
+  if e.exploration != 'argmax' and e.router != 'switch':
+    raise ValueError(f'model.moe.exploration={e.exploration!r}: only for router="switch"')
+  if e.exploration == 'input_jitter' and e.jitter <= 0:
+    raise ValueError('model.moe.exploration="input_jitter": set model.moe.jitter > 0 '
+                     '(SW App. C uses 0.01)')
+  if e.exploration == 'input_dropout' and not 0 < e.router_input_dropout < 1:
+    raise ValueError(f'model.moe.router_input_dropout={e.router_input_dropout}: must be in '
+                     '(0, 1) for exploration="input_dropout"')
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field; cheap, runs before any compilation."""
   m, e, d, t, o = c.model, c.model.moe, c.data, c.train, c.optim
@@ -142,6 +186,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f'model.moe.min_capacity={e.min_capacity}: must be >= 0')
     if not 0.0 <= e.jitter < 1.0:
       raise ValueError(f'model.moe.jitter={e.jitter}: must be in [0, 1)')
+    _validate_routing(e, m.arch)
   for name, rate in (('model.dropout_rate', m.dropout_rate),
                      ('model.moe.expert_dropout', e.expert_dropout)):
     if not 0.0 <= rate < 1.0:

@@ -171,16 +171,25 @@ class FeedForward(nnx.Module):
     self.activation, self.dropout_rate, self.dtype = activation, dropout_rate, dtype
     self.is_experts = num_experts is not None
 
-  def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    spec, out_spec, hidden_axes = (
-        ('etd,edf->etf', 'etf,efd->etd', ('expert', 'batch', 'mlp')) if self.is_experts else
-        ('bld,df->blf', 'blf,fd->bld', ('batch', 'length', 'mlp')))
+  def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
+               group_sizes_E: jax.Array | None = None) -> jax.Array:
+    """Dense: x_BxLxD. Experts: x_ExTxD, or with ``group_sizes_E`` rows x_TxD sorted by
+    expert (the first group_sizes_E[0] rows go to expert 0, ...), run as grouped matmuls."""
     cast = lambda p: p[...].astype(self.dtype)
-    h = jnp.einsum(spec, x, cast(self.wi))
+    if group_sizes_E is not None:
+      matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_E)
+      hidden_axes = (None, 'mlp')
+    elif self.is_experts:
+      matmul = lambda a, w: jnp.einsum('etd,edf->etf', a, w)
+      hidden_axes = ('expert', 'batch', 'mlp')
+    else:
+      matmul = lambda a, w: jnp.einsum('bld,df->blf', a, w)
+      hidden_axes = ('batch', 'length', 'mlp')
+    h = matmul(x, cast(self.wi))
     if self.activation == 'geglu':
-      h = jax.nn.gelu(jnp.einsum(spec, x, cast(self.wi_gate)), approximate=True) * h
+      h = jax.nn.gelu(matmul(x, cast(self.wi_gate)), approximate=True) * h
     else:
       h = jax.nn.relu(h)
     h = constrain(h, hidden_axes)
     h = dropout(h, self.dropout_rate, rngs, deterministic)
-    return jnp.einsum(out_spec, h, cast(self.wo))
+    return matmul(h, cast(self.wo))

@@ -17,7 +17,8 @@ from flax import nnx
 
 from switchmoe.layers import (Attention, Embed, FeedForward, RelativePositionBias, RMSNorm,
                               dropout, init_param)
-from switchmoe.moe import MoeLayer
+from switchmoe.moe import AUX_LOSSES, MoeLayer
+from switchmoe.routing import RoutingOptions
 from switchmoe.sharding import constrain
 
 Batch = dict[str, jax.Array]
@@ -28,11 +29,22 @@ def is_moe_layer(index: int, every: int) -> bool:
   return every > 0 and index % every == every - 1
 
 
+def routing_options(moe: ml_collections.ConfigDict, *, causal: bool) -> RoutingOptions:
+  """Batch-prioritized routing is for encoders only: in a causal stack it would let later
+  tokens take capacity from earlier ones."""
+  return RoutingOptions(
+      router=moe.router, num_selected=moe.num_selected, renormalize_gates=moe.renormalize_gates,
+      second_policy=moe.second_policy, second_threshold=moe.second_threshold,
+      capacity_scales_with_k=moe.capacity_scales_with_k,
+      batch_prioritized=moe.batch_prioritized and not causal, ntlb_rounds=moe.ntlb_rounds,
+      exploration=moe.exploration)
+
+
 class Block(nnx.Module):
   """One pre-norm Transformer layer; residual branches add into x_BxLxD."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, cross_attention: bool, moe: bool,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, causal: bool, cross_attention: bool,
+               moe: bool, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     attn = lambda: Attention(cfg.d_model, cfg.num_heads, cfg.d_kv, init_scale=cfg.init_scale,
                              dropout_rate=cfg.dropout_rate, dtype=dtype, rngs=rngs)
@@ -50,7 +62,10 @@ class Block(nnx.Module):
                           router_z_loss=m.router_z_loss, jitter=m.jitter,
                           activation=cfg.ffn_activation, init_scale=cfg.init_scale,
                           expert_dropout=m.expert_dropout, dtype=dtype,
-                          router_dtype=jnp.dtype(m.router_dtype), rngs=rngs)
+                          router_dtype=jnp.dtype(m.router_dtype),
+                          importance_loss=m.importance_loss,
+                          router_input_dropout=m.router_input_dropout, dispatch=m.dispatch,
+                          options=routing_options(m, causal=causal), rngs=rngs)
     else:
       self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.ffn_activation,
                              init_scale=cfg.init_scale, dropout_rate=cfg.dropout_rate,
@@ -85,7 +100,8 @@ class Stack(nnx.Module):
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         bidirectional=not causal, init_scale=cfg.init_scale, rngs=rngs)
     self.layers = nnx.List([
-        Block(cfg, cross_attention=cross_attention, moe=is_moe_layer(i, cfg.moe.every),
+        Block(cfg, causal=causal, cross_attention=cross_attention,
+              moe=is_moe_layer(i, cfg.moe.every),
               rngs=rngs) for i in range(num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, dtype=jnp.dtype(cfg.dtype))
     self.dropout_rate = cfg.dropout_rate
@@ -167,7 +183,8 @@ def loss_and_metrics(model: LanguageModel, batch: Batch, *, deterministic: bool,
                      rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
   """Total loss = token-mean cross-entropy + sum over Switch layers of their aux losses.
 
-  Returns (loss, metrics): ``ce``, ``accuracy``, ``load_balance``, ``z_loss``, ``loss``,
+  Returns (loss, metrics): ``ce``, ``accuracy``, ``load_balance``, ``importance``,
+  ``z_loss``, ``loss``,
   ``dropped_fraction`` (mean over Switch layers) and ``moe`` (per-layer stats).
   """
   logits_BxLxV, aux = model(batch, deterministic=deterministic, rngs=rngs)
@@ -180,9 +197,8 @@ def loss_and_metrics(model: LanguageModel, batch: Batch, *, deterministic: bool,
   accuracy = jnp.sum((jnp.argmax(logits_BxLxV, -1) == targets) * weights) / denom
   stats = list(aux.values())
   zero = jnp.zeros((), jnp.float32)
-  load_balance = sum((s['load_balance'] for s in stats), zero)
-  z_loss = sum((s['z_loss'] for s in stats), zero)
-  loss = ce + load_balance + z_loss
-  dropped = (sum(s['dropped_fraction'] for s in stats) / len(stats)) if stats else zero
-  return loss, {'loss': loss, 'ce': ce, 'accuracy': accuracy, 'load_balance': load_balance,
-                'z_loss': z_loss, 'dropped_fraction': dropped, 'moe': aux}
+  losses = {name: sum((st[name] for st in stats), zero) for name in AUX_LOSSES}
+  loss = ce + sum(losses.values())
+  dropped = (sum(st['dropped_fraction'] for st in stats) / len(stats)) if stats else zero
+  return loss, {'loss': loss, 'ce': ce, 'accuracy': accuracy, **losses,
+                'dropped_fraction': dropped, 'moe': aux}

@@ -1,7 +1,14 @@
-"""The Switch feed-forward layer: route tokens, run experts on fixed-size buffers, combine.
+"""The Switch / MoE feed-forward layer: route tokens, run the experts, combine.
+
+Dispatches (config ``model.moe.dispatch``), all driven by the same `routing.Routing`:
+- ``einsum``: one-hot dispatch and combine tensors [G, S, E, C] (GShard / Mesh TF).
+- ``gather``: slot-to-token indices; tokens are gathered into the [E, G, C, D] expert buffer
+  and results gathered back, with no one-hot matmul.
+- ``dropless``: no capacity; (token, choice) pairs are sorted by expert and the experts run
+  as grouped matmuls (`jax.lax.ragged_dot`), so nothing is dropped or padded.
 
 Shape suffixes: B batch, L length, D d_model, G groups, S tokens per group, E experts,
-C capacity (slots per expert per group), K choices per token.
+C capacity, K choices per token, N = G*S*K (token, choice) pairs.
 """
 
 from __future__ import annotations
@@ -14,15 +21,69 @@ from switchmoe import routing
 from switchmoe.layers import FeedForward
 from switchmoe.sharding import constrain
 
+DISPATCHES = ('einsum', 'gather', 'dropless')
+AUX_LOSSES = ('load_balance', 'importance', 'z_loss')
+
+_BUFFER_AXES = ('expert', 'batch', None, 'embed')
+
 
 def combine_tensor(r: routing.Routing, num_experts: int, capacity: int) -> jax.Array:
   """combine_GxSxExC: gate of each token at its (expert, slot), zero elsewhere and if dropped."""
   expert_GxSxKxE = jax.nn.one_hot(r.expert_index_GxSxK, num_experts, dtype=jnp.float32)
-  # Dropped choices have position >= capacity, which one_hot maps to an all-zero row.
+  # Dropped choices get position = capacity, which one_hot maps to an all-zero row.
   slot_GxSxKxC = jax.nn.one_hot(jnp.where(r.kept_GxSxK, r.position_GxSxK, capacity),
                                 capacity, dtype=jnp.float32)
-  return jnp.einsum('gske,gskc,gsk->gsec', expert_GxSxKxE, slot_GxSxKxC,
-                    r.gate_GxSxK.astype(jnp.float32))
+  return jnp.einsum('gske,gskc,gsk->gsec', expert_GxSxKxE, slot_GxSxKxC, r.gate_GxSxK)
+
+
+def einsum_dispatch(x_GxSxD, r: routing.Routing, experts, num_experts: int, capacity: int):
+  """experts: x_ExGxCxD -> y_ExGxCxD. Returns y_GxSxD."""
+  e = num_experts
+  combine_GxSxExC = combine_tensor(r, e, capacity).astype(x_GxSxD.dtype)
+  dispatch_GxSxExC = (combine_GxSxExC > 0).astype(x_GxSxD.dtype)
+  # The einsum moves tokens from group-sharded to expert-sharded layout: an all-to-all when
+  # `expert` is a mesh axis.
+  x_ExGxCxD = constrain(jnp.einsum('gsec,gsd->egcd', dispatch_GxSxExC, x_GxSxD), _BUFFER_AXES)
+  y_ExGxCxD = constrain(experts(x_ExGxCxD), _BUFFER_AXES)
+  return jnp.einsum('gsec,egcd->gsd', combine_GxSxExC, y_ExGxCxD)
+
+
+def gather_dispatch(x_GxSxD, r: routing.Routing, experts, num_experts: int, capacity: int):
+  """experts: x_ExGxCxD -> y_ExGxCxD. Returns y_GxSxD."""
+  g, s, d = x_GxSxD.shape
+  e, k = num_experts, r.expert_index_GxSxK.shape[-1]
+  # Flat slot id expert * C + position; E * C marks "no slot" (dropped choices).
+  slot_GxSxK = jnp.where(r.kept_GxSxK, r.expert_index_GxSxK * capacity + r.position_GxSxK,
+                         e * capacity)
+  token_GxSxK = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :, None], (g, s, k))
+  # Which token fills each slot; empty slots point at an appended zero row (index S).
+  token_of_slot_GxEC = jnp.full((g, e * capacity), s, jnp.int32).at[
+      jnp.arange(g)[:, None], slot_GxSxK.reshape(g, s * k)].set(
+          token_GxSxK.reshape(g, s * k), mode='drop')
+  x_padded = jnp.concatenate([x_GxSxD, jnp.zeros((g, 1, d), x_GxSxD.dtype)], axis=1)
+  x_GxECxD = jnp.take_along_axis(x_padded, token_of_slot_GxEC[..., None], axis=1)
+  x_ExGxCxD = constrain(jnp.transpose(x_GxECxD.reshape(g, e, capacity, d), (1, 0, 2, 3)),
+                        _BUFFER_AXES)
+  y_ExGxCxD = constrain(experts(x_ExGxCxD), _BUFFER_AXES)
+  y_GxECxD = jnp.transpose(y_ExGxCxD, (1, 0, 2, 3)).reshape(g, e * capacity, d)
+  y_GxECxD = jnp.concatenate([y_GxECxD, jnp.zeros((g, 1, d), y_GxECxD.dtype)], axis=1)
+  y_GxSKxD = jnp.take_along_axis(y_GxECxD, slot_GxSxK.reshape(g, s * k, 1), axis=1)
+  y_GxSxKxD = y_GxSKxD.reshape(g, s, k, d)
+  return jnp.einsum('gskd,gsk->gsd', y_GxSxKxD, r.gate_GxSxK.astype(y_GxSxKxD.dtype))
+
+
+def dropless_dispatch(x_GxSxD, r: routing.Routing, experts_ragged, num_experts: int):
+  """experts_ragged: (rows_NxD sorted by expert, group_sizes_E) -> y_NxD. Returns y_GxSxD."""
+  g, s, d = x_GxSxD.shape
+  e, k = num_experts, r.expert_index_GxSxK.shape[-1]
+  expert_N = r.expert_index_GxSxK.reshape(-1)
+  order_N = jnp.argsort(expert_N, stable=True)
+  token_N = order_N // k
+  y_sorted_NxD = experts_ragged(x_GxSxD.reshape(g * s, d)[token_N],
+                                jnp.bincount(expert_N, length=e).astype(jnp.int32))
+  y_NxD = jnp.zeros_like(y_sorted_NxD).at[order_N].set(y_sorted_NxD)
+  y_GxSxKxD = y_NxD.reshape(g, s, k, d)
+  return jnp.einsum('gskd,gsk->gsd', y_GxSxKxD, r.gate_GxSxK.astype(y_GxSxKxD.dtype))
 
 
 def routing_groups(num_tokens: int, group_size: int) -> tuple[int, int]:
@@ -34,68 +95,96 @@ def routing_groups(num_tokens: int, group_size: int) -> tuple[int, int]:
   return num_tokens // size, size
 
 
-class MoeLayer(nnx.Module):
-  """Switch Transformer FFN layer (SW §2): a float32 router and E batched experts.
+def router_stats(logits_GxSxE, probs_GxSxE, r: routing.Routing) -> dict[str, jax.Array]:
+  """Unweighted diagnostics of one layer's routing (all float32 scalars but expert_fraction_E)."""
+  num_experts = probs_GxSxE.shape[-1]
+  top1_GxS = jnp.argmax(probs_GxSxE, axis=-1)
+  routed_GxS = jnp.sum(r.kept_GxSxK, axis=-1)
+  load_E = jnp.sum(jax.nn.one_hot(r.expert_index_GxSxK, num_experts) *
+                   r.kept_GxSxK[..., None], axis=(0, 1, 2))
+  mean = lambda a: jnp.mean(a.astype(jnp.float32))
+  return {
+      'expert_fraction_E': jnp.mean(jax.nn.one_hot(top1_GxS, num_experts), axis=(0, 1)),
+      'dropped_fraction': mean(routed_GxS == 0),
+      'routed_to_1': mean(routed_GxS == 1),
+      'routed_to_2plus': mean(routed_GxS >= 2),
+      'confidence': mean(jnp.max(probs_GxSxE, axis=-1)),
+      'entropy': mean(-jnp.sum(probs_GxSxE * jax.nn.log_softmax(logits_GxSxE), axis=-1)),
+      'load_cv': jnp.std(load_E) / jnp.maximum(jnp.mean(load_E), 1e-9),
+  }
 
-  Call: x_BxLxD -> (y_BxLxD, stats). Tokens past an expert's capacity get y = 0, so the
-  surrounding residual connection carries them through unchanged. ``stats`` is a dict of the
-  layer's weighted aux losses and router diagnostics (see `__call__`).
+
+class MoeLayer(nnx.Module):
+  """Sparse FFN layer (SW §2): a float32 router and E batched experts.
+
+  Call: x_BxLxD -> (y_BxLxD, stats). Tokens routed nowhere get y = 0, so the surrounding
+  residual connection carries them through unchanged.
   """
 
   def __init__(self, dim: int, hidden: int, *, num_experts: int, group_size: int,
                capacity_factor: float, eval_capacity_factor: float, min_capacity: int,
                load_balance_loss: float, router_z_loss: float, jitter: float,
                activation: str, init_scale: float, expert_dropout: float, dtype,
-               router_dtype=jnp.float32, rngs: nnx.Rngs):
+               router_dtype=jnp.float32, importance_loss: float = 0.0,
+               router_input_dropout: float = 0.0, dispatch: str = 'einsum',
+               options: routing.RoutingOptions = routing.RoutingOptions(), rngs: nnx.Rngs):
+    if dispatch not in DISPATCHES:
+      raise ValueError(f'model.moe.dispatch={dispatch!r}: expected one of {DISPATCHES}')
+    if dispatch == 'dropless' and options.router == 'experts_choose':
+      raise ValueError('model.moe.dispatch="dropless" needs a tokens-choose router; '
+                       'experts_choose is capacity-bound by definition')
+    input_dropout = router_input_dropout if options.exploration == 'input_dropout' else 0.0
     self.router = routing.Router(dim, num_experts, init_scale=init_scale, jitter=jitter,
-                                 dtype=router_dtype, rngs=rngs)
+                                 input_dropout=input_dropout, dtype=router_dtype, rngs=rngs)
     self.experts = FeedForward(dim, hidden, activation=activation, init_scale=init_scale,
                                dropout_rate=expert_dropout, dtype=dtype, rngs=rngs,
                                num_experts=num_experts)
     self.num_experts, self.group_size, self.min_capacity = num_experts, group_size, min_capacity
     self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-    self.load_balance_weight, self.z_loss_weight = load_balance_loss, router_z_loss
-    self.dtype = dtype
+    self.weights = {'load_balance': load_balance_loss, 'importance': importance_loss,
+                    'z_loss': router_z_loss}
+    self.dispatch, self.options, self.dtype = dispatch, options, dtype
+
+  def capacity(self, group_size: int, deterministic: bool) -> int:
+    o = self.options
+    if self.dispatch == 'dropless':
+      return group_size * (o.num_selected if o.router == 'topk' else 1)
+    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+    scale = o.num_selected if o.router == 'topk' and o.capacity_scales_with_k else 1
+    return routing.expert_capacity(group_size * scale, self.num_experts, cf, self.min_capacity)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns y_BxLxD and stats with float32 entries:
-
-    load_balance: alpha * E * sum_i f_i P_i (already weighted by ``load_balance_loss``),
-    z_loss: weighted router z-loss, dropped_fraction: share of tokens over capacity,
-    expert_fraction_E: share of tokens whose top choice is each expert,
-    confidence: mean top-1 router probability.
-    """
+    """Returns y_BxLxD and stats: the weighted aux losses (``load_balance`` = alpha * E *
+    sum_i f_i P_i, ``importance``, ``z_loss``) and `router_stats` diagnostics."""
     b, l, d = x_BxLxD.shape
     g, s = routing_groups(b * l, self.group_size)
-    e = self.num_experts
-    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-    capacity = routing.expert_capacity(s, e, cf, self.min_capacity)
-
+    capacity = self.capacity(s, deterministic)
     x_GxSxD = constrain(x_BxLxD.reshape(g, s, d), ('batch', None, 'embed'))
-    logits_GxSxE, probs_GxSxE = self.router(x_GxSxD, deterministic=deterministic, rngs=rngs)
-    r = routing.switch_top1(probs_GxSxE.astype(jnp.float32), capacity)
-    combine_GxSxExC = combine_tensor(r, e, capacity).astype(self.dtype)
-    dispatch_GxSxExC = (combine_GxSxExC > 0).astype(self.dtype)
+    logits, probs = self.router(x_GxSxD, deterministic=deterministic, rngs=rngs)
+    logits_GxSxE, probs_GxSxE = logits.astype(jnp.float32), probs.astype(jnp.float32)
+    r = routing.route(logits_GxSxE, probs_GxSxE, capacity, self.options,
+                      deterministic=deterministic, rngs=rngs)
 
-    # The einsum moves tokens from group-sharded to expert-sharded layout (an all-to-all
-    # when `expert` is a mesh axis).
-    x_ExGxCxD = jnp.einsum('gsec,gsd->egcd', dispatch_GxSxExC, x_GxSxD)
-    x_ExGxCxD = constrain(x_ExGxCxD, ('expert', 'batch', None, 'embed'))
-    y_ExTxD = self.experts(x_ExGxCxD.reshape(e, g * capacity, d),
-                           deterministic=deterministic, rngs=rngs)
-    y_ExGxCxD = constrain(y_ExTxD.reshape(e, g, capacity, d), ('expert', 'batch', None, 'embed'))
-    y_GxSxD = jnp.einsum('gsec,egcd->gsd', combine_GxSxExC, y_ExGxCxD)
-    y_GxSxD = constrain(y_GxSxD, ('batch', None, 'embed'))
+    e = self.num_experts
+    if self.dispatch == 'dropless':
+      ragged = lambda x_NxD, sizes_E: self.experts(x_NxD, deterministic=deterministic,
+                                                   rngs=rngs, group_sizes_E=sizes_E)
+      y_GxSxD = dropless_dispatch(x_GxSxD, r, ragged, e)
+    else:
+      buffered = lambda x_ExGxCxD: self.experts(
+          x_ExGxCxD.reshape(e, -1, d), deterministic=deterministic,
+          rngs=rngs).reshape(x_ExGxCxD.shape)
+      dispatch = einsum_dispatch if self.dispatch == 'einsum' else gather_dispatch
+      y_GxSxD = dispatch(x_GxSxD, r, buffered, e, capacity)
+    y_GxSxD = constrain(y_GxSxD.astype(self.dtype), ('batch', None, 'embed'))
 
-    top1_GxS = r.expert_index_GxSxK[..., 0]
-    stats = {
-        'load_balance': self.load_balance_weight * routing.load_balance_loss(
-            probs_GxSxE.astype(jnp.float32), top1_GxS),
-        'z_loss': self.z_loss_weight * routing.router_z_loss(logits_GxSxE.astype(jnp.float32)),
-        'dropped_fraction': 1.0 - jnp.mean(r.kept_GxSxK[..., 0].astype(jnp.float32)),
-        'expert_fraction_E': jnp.mean(jax.nn.one_hot(top1_GxS, e, dtype=jnp.float32),
-                                      axis=(0, 1)),
-        'confidence': jnp.mean(jnp.max(probs_GxSxE.astype(jnp.float32), axis=-1)),
+    losses = {
+        'load_balance': routing.load_balance_loss(probs_GxSxE, jnp.argmax(probs_GxSxE, -1)),
+        'importance': routing.importance_loss(probs_GxSxE),
+        'z_loss': routing.router_z_loss(logits_GxSxE),
     }
+    stats = {name: self.weights[name] * value for name, value in losses.items()}
+    stats.update(router_stats(logits_GxSxE, probs_GxSxE, r))
     return y_GxSxD.reshape(b, l, d), stats
+

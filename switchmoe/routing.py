@@ -1,14 +1,26 @@
-"""Routers: which expert slot each token goes to, and the router's auxiliary losses.
+"""Routers: which expert slots each token goes to, and the router's auxiliary losses.
 
-Routing works on groups: tokens are split into G groups of S tokens, and capacity is counted
-per group (SW §2.2, as in Mesh TensorFlow and flaxformer). Nothing here moves token
-activations; `switchmoe.moe` turns a `Routing` into expert inputs and outputs.
+Routing works on groups: tokens are split into G groups of S tokens and capacity is counted
+per group (SW §2.2, as in Mesh TensorFlow and flaxformer). Every router returns the same
+`Routing` value (K choices per token with their expert, slot and gate), and every dispatch in
+`switchmoe.moe` consumes it, so any router works with any dispatch. Nothing here moves token
+activations.
 
-Shape suffixes: G groups, S tokens per group, D d_model, E experts, K choices per token.
+Routers (config ``model.moe.router``):
+- ``switch``: top-1 tokens-choose (SW), with optional no-token-left-behind re-routing.
+- ``topk``: tokens choose k experts (GShard / Mesh TF "MoE"); all first choices take capacity
+  before any second choice; optional random second-expert policy.
+- ``experts_choose``: each expert takes its top-C tokens (Zhou et al. 2022); K = E.
+Tokens-choose routers can use batch-prioritized routing (V-MoE BPR): tokens with a higher top
+gate take capacity first, instead of sequence order.
+
+Shape suffixes: G groups, S tokens per group, D d_model, E experts, K choices per token,
+C capacity (slots per expert per group).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -17,21 +29,39 @@ from flax import nnx, struct
 
 from switchmoe.layers import init_param
 
+ROUTERS = ('switch', 'topk', 'experts_choose')
+EXPLORATION = ('argmax', 'sample_softmax', 'input_dropout', 'input_jitter')
+# Each source of routing randomness has its own stream; the training loop passes all of them.
+RNG_STREAMS = ('jitter', 'router_dropout', 'router_sample', 'second_expert')
+
 
 @struct.dataclass
 class Routing:
   """Each token's K expert choices and where they land.
 
   expert_index_GxSxK: int32 expert id of each choice.
-  gate_GxSxK: combine weight of each choice (router probability), zero where dropped.
-  position_GxSxK: int32 slot inside the chosen expert's buffer of ``capacity`` slots;
-    meaningful only where kept.
-  kept_GxSxK: bool, the choice fits under capacity.
+  gate_GxSxK: float32 combine weight of each choice, zero where not kept.
+  position_GxSxK: int32 slot inside the chosen expert's buffer; meaningful only where kept.
+  kept_GxSxK: bool, the choice was made and fits under capacity.
   """
   expert_index_GxSxK: jax.Array
   gate_GxSxK: jax.Array
   position_GxSxK: jax.Array
   kept_GxSxK: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingOptions:
+  """Static routing choices (see `switchmoe.config` ``model.moe``)."""
+  router: str = 'switch'
+  num_selected: int = 2              # k, for ``topk``
+  renormalize_gates: bool = True     # ``topk``: gates of the k choices sum to 1
+  second_policy: str = 'all'         # ``topk``: 'all' or 'random' (Mesh TF)
+  second_threshold: float = 0.2      # ``random``: keep 2nd choice w.p. min(1, g2 / threshold)
+  capacity_scales_with_k: bool = False
+  batch_prioritized: bool = False
+  ntlb_rounds: int = 0               # ``switch``: re-routing rounds for overflowing tokens
+  exploration: str = 'argmax'
 
 
 def expert_capacity(group_size: int, num_experts: int, capacity_factor: float,
@@ -40,21 +70,36 @@ def expert_capacity(group_size: int, num_experts: int, capacity_factor: float,
   return max(int(min_capacity), math.floor(group_size * capacity_factor / num_experts))
 
 
-def assign_slots(expert_index_GxSxK: jax.Array, num_experts: int, capacity: int
-                 ) -> tuple[jax.Array, jax.Array]:
+def assign_slots(expert_index_GxSxK: jax.Array, num_experts: int, capacity: int, *,
+                 valid_GxSxK: jax.Array | None = None, priority_GxS: jax.Array | None = None,
+                 used_GxE: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Positions in each expert's buffer, first come first served.
 
-  Priority goes to all first choices before any second choice, and within one choice rank to
-  sequence order (the cumulative sum over the group). Returns (position_GxSxK, kept_GxSxK).
+  All first choices go before any second choice; within one choice rank, tokens go in
+  sequence order, or by descending ``priority_GxS`` (BPR). Choices with ``valid`` False take
+  no slot; ``used_GxE`` slots per expert are already taken. Returns (position, kept), GxSxK.
   """
   g, s, k = expert_index_GxSxK.shape
-  # Choice-major order: [G, K*S], so every token's first choice precedes any second choice.
-  index_GxKS = jnp.swapaxes(expert_index_GxSxK, 1, 2).reshape(g, k * s)
-  onehot_GxKSxE = jax.nn.one_hot(index_GxKS, num_experts, dtype=jnp.int32)
-  position_GxKSxE = jnp.cumsum(onehot_GxKSxE, axis=1) - 1
+  valid = jnp.ones((g, s, k), bool) if valid_GxSxK is None else valid_GxSxK
+  index = expert_index_GxSxK
+  if priority_GxS is not None:
+    order_GxS = jnp.argsort(-priority_GxS, axis=1, stable=True)
+    index = jnp.take_along_axis(index, order_GxS[..., None], axis=1)
+    valid = jnp.take_along_axis(valid, order_GxS[..., None], axis=1)
+  # Choice-major order [G, K*S], so every token's first choice precedes any second choice.
+  to_choice_major = lambda a: jnp.swapaxes(a, 1, 2).reshape(g, k * s)
+  onehot_GxKSxE = (jax.nn.one_hot(to_choice_major(index), num_experts, dtype=jnp.int32) *
+                   to_choice_major(valid)[..., None])
+  start_GxE = jnp.zeros((g, num_experts), jnp.int32) if used_GxE is None else used_GxE
+  position_GxKSxE = jnp.cumsum(onehot_GxKSxE, axis=1) - 1 + start_GxE[:, None, :]
   position_GxKS = jnp.sum(position_GxKSxE * onehot_GxKSxE, axis=-1)
-  position_GxSxK = jnp.swapaxes(position_GxKS.reshape(g, k, s), 1, 2)
-  return position_GxSxK, position_GxSxK < capacity
+  position = jnp.swapaxes(position_GxKS.reshape(g, k, s), 1, 2)
+  kept = valid & (position < capacity)
+  if priority_GxS is not None:
+    inverse_GxS = jnp.argsort(order_GxS, axis=1)
+    position = jnp.take_along_axis(position, inverse_GxS[..., None], axis=1)
+    kept = jnp.take_along_axis(kept, inverse_GxS[..., None], axis=1)
+  return position, kept
 
 
 def load_balance_loss(probs_GxSxE: jax.Array, expert_index_GxS: jax.Array) -> jax.Array:
@@ -69,39 +114,142 @@ def load_balance_loss(probs_GxSxE: jax.Array, expert_index_GxS: jax.Array) -> ja
   return num_experts * jnp.mean(jnp.sum(f_GxE * p_GxE, axis=-1))
 
 
+def importance_loss(probs_GxSxE: jax.Array) -> jax.Array:
+  """GShard / V-MoE importance loss: squared coefficient of variation of the per-expert
+  probability mass in each group, averaged over groups (0 when perfectly even)."""
+  importance_GxE = jnp.sum(probs_GxSxE, axis=1)
+  mean = jnp.mean(importance_GxE, axis=-1)
+  return jnp.mean(jnp.var(importance_GxE, axis=-1) / jnp.square(mean + 1e-9))
+
+
 def router_z_loss(logits_GxSxE: jax.Array) -> jax.Array:
   """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_GxSxE, axis=-1)))
 
 
 class Router(nnx.Module):
-  """Linear router without bias, computed in ``dtype`` (float32: SW selective precision)."""
+  """Linear router without bias, computed in ``dtype`` (float32: SW selective precision).
+
+  In training, ``jitter`` > 0 multiplies the input by Uniform[1 - jitter, 1 + jitter] (SW
+  App. C) and ``input_dropout`` > 0 applies dropout to it (SW Table 11).
+  """
 
   def __init__(self, dim: int, num_experts: int, *, init_scale: float, jitter: float,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               input_dropout: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
     # Replicated: the router is tiny and every token needs all of it.
     self.kernel = init_param(rngs, (dim, num_experts), ('embed', None), init_scale)
-    self.jitter, self.dtype = jitter, dtype
+    self.jitter, self.input_dropout, self.dtype = jitter, input_dropout, dtype
 
   def __call__(self, x_GxSxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None
                ) -> tuple[jax.Array, jax.Array]:
     """Returns (logits_GxSxE, probs_GxSxE), both in the router dtype."""
     x = x_GxSxD.astype(self.dtype)
-    if self.jitter > 0.0 and not deterministic:
-      if rngs is None:
-        raise ValueError('router jitter in training mode needs rngs with a "jitter" stream')
+    noisy = not deterministic and (self.jitter > 0.0 or self.input_dropout > 0.0)
+    if noisy and rngs is None:
+      raise ValueError('router jitter / input dropout in training mode needs rngs with the '
+                       f'streams {RNG_STREAMS}')
+    if noisy and self.jitter > 0.0:
       x = x * jax.random.uniform(rngs.jitter(), x.shape, self.dtype,
                                  1.0 - self.jitter, 1.0 + self.jitter)
+    if noisy and self.input_dropout > 0.0:
+      keep = jax.random.bernoulli(rngs.router_dropout(), 1.0 - self.input_dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.input_dropout), 0.0).astype(self.dtype)
     logits_GxSxE = jnp.einsum('gsd,de->gse', x, self.kernel[...].astype(self.dtype))
     return logits_GxSxE, jax.nn.softmax(logits_GxSxE, axis=-1)
 
 
-def switch_top1(probs_GxSxE: jax.Array, capacity: int) -> Routing:
-  """Switch routing: each token goes to its argmax expert, gated by that probability."""
-  expert_index_GxSx1 = jnp.argmax(probs_GxSxE, axis=-1)[..., None]
-  gate_GxSx1 = jnp.take_along_axis(probs_GxSxE, expert_index_GxSx1, axis=-1)
-  position_GxSx1, kept_GxSx1 = assign_slots(expert_index_GxSx1, probs_GxSxE.shape[-1],
-                                            capacity)
-  return Routing(expert_index_GxSxK=expert_index_GxSx1,
-                 gate_GxSxK=jnp.where(kept_GxSx1, gate_GxSx1, 0.0),
-                 position_GxSxK=position_GxSx1, kept_GxSxK=kept_GxSx1)
+def _routing(expert_index, gate, position, kept) -> Routing:
+  return Routing(expert_index_GxSxK=expert_index.astype(jnp.int32),
+                 gate_GxSxK=jnp.where(kept, gate, 0.0).astype(jnp.float32),
+                 position_GxSxK=position.astype(jnp.int32), kept_GxSxK=kept)
+
+
+def switch_top1(probs_GxSxE: jax.Array, capacity: int, *, priority_GxS: jax.Array | None = None,
+                ntlb_rounds: int = 0, expert_index_GxS: jax.Array | None = None) -> Routing:
+  """Switch routing: each token goes to its top expert, gated by that probability.
+
+  ``expert_index_GxS`` overrides the argmax (exploration by sampling). With ``ntlb_rounds``
+  (no-token-left-behind, SW App. B), tokens over capacity try their next-best expert with
+  room, one rank further per round.
+  """
+  num_experts = probs_GxSxE.shape[-1]
+  if expert_index_GxS is None:
+    expert_index_GxS = jnp.argmax(probs_GxSxE, axis=-1)
+  expert = expert_index_GxS[..., None]
+  position, kept = assign_slots(expert, num_experts, capacity, priority_GxS=priority_GxS)
+  if ntlb_rounds:
+    ranked_GxSxE = jnp.argsort(-probs_GxSxE, axis=-1)
+    for r in range(1, min(ntlb_rounds, num_experts - 1) + 1):
+      used_GxE = jnp.sum(jax.nn.one_hot(expert[..., 0], num_experts, dtype=jnp.int32) *
+                         kept, axis=1)
+      candidate = ranked_GxSxE[..., r:r + 1]
+      new_position, new_kept = assign_slots(candidate, num_experts, capacity, valid_GxSxK=~kept,
+                                            priority_GxS=priority_GxS, used_GxE=used_GxE)
+      expert = jnp.where(new_kept, candidate, expert)
+      position = jnp.where(new_kept, new_position, position)
+      kept = kept | new_kept
+  gate = jnp.take_along_axis(probs_GxSxE, expert, axis=-1)
+  return _routing(expert, gate, position, kept)
+
+
+def top_k(probs_GxSxE: jax.Array, capacity: int, k: int, *, renormalize: bool,
+          second_policy: str = 'all', second_threshold: float = 0.2,
+          rng: jax.Array | None = None, priority_GxS: jax.Array | None = None) -> Routing:
+  """Tokens choose their k most probable experts; first choices are served first.
+
+  ``second_policy='random'`` (Mesh TF): the second choice is made only with probability
+  min(1, g2 / threshold), g2 its (renormalized) gate; it needs ``rng``.
+  """
+  gate_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, k)
+  if renormalize:
+    gate_GxSxK = gate_GxSxK / jnp.sum(gate_GxSxK, axis=-1, keepdims=True)
+  valid = jnp.ones(expert_GxSxK.shape, bool)
+  if second_policy == 'random' and k > 1:
+    if rng is None:
+      raise ValueError('model.moe.second_policy="random" needs the "second_expert" rng stream')
+    draw_GxS = jax.random.uniform(rng, gate_GxSxK.shape[:2])
+    valid = valid.at[..., 1].set(draw_GxS < gate_GxSxK[..., 1] / second_threshold)
+  position, kept = assign_slots(expert_GxSxK, probs_GxSxE.shape[-1], capacity,
+                                valid_GxSxK=valid, priority_GxS=priority_GxS)
+  return _routing(expert_GxSxK, gate_GxSxK, position, kept)
+
+
+def experts_choose(probs_GxSxE: jax.Array, capacity: int) -> Routing:
+  """Each expert takes the ``capacity`` tokens with the highest probability for it.
+
+  K = E: choice e of a token is expert e, kept if the expert picked the token. A token may be
+  picked by several experts or none.
+  """
+  g, s, e = probs_GxSxE.shape
+  capacity = min(capacity, s)
+  _, token_GxExC = jax.lax.top_k(jnp.swapaxes(probs_GxSxE, 1, 2), capacity)
+  picked_GxExCxS = jax.nn.one_hot(token_GxExC, s, dtype=jnp.int32)
+  kept_GxSxE = jnp.swapaxes(jnp.sum(picked_GxExCxS, axis=2), 1, 2) > 0
+  rank_C = jnp.arange(capacity, dtype=jnp.int32)
+  position_GxSxE = jnp.swapaxes(jnp.einsum('gecs,c->ges', picked_GxExCxS, rank_C), 1, 2)
+  expert_GxSxE = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, s, e))
+  return _routing(expert_GxSxE, probs_GxSxE, position_GxSxE, kept_GxSxE)
+
+
+def route(logits_GxSxE: jax.Array, probs_GxSxE: jax.Array, capacity: int,
+          options: RoutingOptions, *, deterministic: bool, rngs: nnx.Rngs | None) -> Routing:
+  """Applies the configured router to float32 router outputs."""
+  o = options
+  priority = jnp.max(probs_GxSxE, axis=-1) if o.batch_prioritized else None
+  if o.router == 'experts_choose':
+    return experts_choose(probs_GxSxE, capacity)
+  if o.router == 'topk':
+    rng = None
+    if o.second_policy == 'random' and not deterministic:
+      rng = rngs.second_expert() if rngs is not None else None
+    return top_k(probs_GxSxE, capacity, o.num_selected, renormalize=o.renormalize_gates,
+                 second_policy=o.second_policy if not deterministic else 'all',
+                 second_threshold=o.second_threshold, rng=rng, priority_GxS=priority)
+  sampled = None
+  if o.exploration == 'sample_softmax' and not deterministic:
+    if rngs is None:
+      raise ValueError('model.moe.exploration="sample_softmax" needs the "router_sample" '
+                       'rng stream')
+    sampled = jax.random.categorical(rngs.router_sample(), logits_GxSxE, axis=-1)
+  return switch_top1(probs_GxSxE, capacity, priority_GxS=priority, ntlb_rounds=o.ntlb_rounds,
+                     expert_index_GxS=sampled)

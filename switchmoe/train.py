@@ -24,7 +24,7 @@ from flax import nnx
 
 from switchmoe import config as config_lib
 from switchmoe import data as data_lib
-from switchmoe import sharding
+from switchmoe import routing, sharding
 from switchmoe.checkpoint import Checkpointer, abstract_like
 from switchmoe.metrics import MetricWriter, Progress
 from switchmoe.model import LanguageModel, loss_and_metrics
@@ -85,8 +85,8 @@ def make_setup(config: ml_collections.ConfigDict,
 
     def loss_fn(params):
       # Rngs are stateful: build them inside the differentiated function's trace.
-      rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, 0),
-                      jitter=jax.random.fold_in(step_key, 1))
+      rngs = nnx.Rngs(**{name: jax.random.fold_in(step_key, i)
+                         for i, name in enumerate(('dropout',) + routing.RNG_STREAMS)})
       return loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=False,
                               rngs=rngs)
 
