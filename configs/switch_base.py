@@ -10,6 +10,7 @@ from switchmoe.config import base_size, default_config
 def get_config():
   c = base_size(default_config())
   e = c.model.moe
-  e.every, e.num_experts, e.group_size = 2, 128, 1024
+  # 512 divides both stacks' tokens per batch: 256 * 512 (encoder) and 256 * 114 (decoder).
+  e.every, e.num_experts, e.group_size = 2, 128, 512
   e.capacity_factor, e.eval_capacity_factor = 1.25, 2.0
   return c

@@ -1,27 +1,38 @@
-"""Orbax checkpoints under ``workdir/checkpoints/<step>/``.
+"""Orbax checkpoints: a run's ``workdir/checkpoints/<step>/`` and params-only exports.
 
-Each step folder holds three items: ``state`` (params, optimizer state and step, restored
-directly into the run's shardings), ``data`` (the grain iterator state, JSON) and ``config``
-(JSON). Orbax writes into a temporary folder and renames it when complete, so an interrupted
-save never replaces the last good checkpoint.
+Each step folder holds three items: ``state`` (params, optimizer state, step and non-finite
+counters, restored directly into the run's shardings), ``data`` (the grain iterator state,
+JSON) and ``config`` (JSON). Saves are asynchronous: the arrays are copied off the devices,
+then written by a background thread into ``<step>.orbax-checkpoint-tmp-*`` which is renamed
+to ``<step>`` only once complete. A process killed mid-save leaves that temporary folder
+behind, never a half-written ``<step>``; the next run deletes it and resumes from the
+previous step.
+
+An export (`save_params`) is ``params/`` (an orbax PyTree) plus ``config.json``, for
+inference and fine-tuning; `load_params` reads params from either kind of folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, keep: int):
+  def __init__(self, workdir: str, *, keep: int, keep_period: int = 0):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_period or None, create=True,
+            cleanup_tmp_directories=True),
         item_names=('state', 'data', 'config'))
 
   def latest_step(self) -> int | None:
@@ -50,3 +61,106 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying ``shardings``: the restore target, allocating nothing."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+# ----------------------------------------------------------------------------- params only
+
+
+def save_params(directory: str, params: Any, config: dict, *, dtype=None) -> None:
+  """Writes an export: ``directory/params`` (floats cast to ``dtype`` if given) and
+  ``directory/config.json``. Refuses to overwrite an existing export."""
+  directory = os.path.abspath(directory)
+  if dtype is not None:
+    params = jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, 'params'), args=ocp.args.PyTreeSave(params))
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+
+
+def _step_folder(checkpoints: str) -> str:
+  steps = [int(name) for name in os.listdir(checkpoints) if name.isdigit()]
+  if not steps:
+    raise ValueError(f'{checkpoints}: holds no finished checkpoint')
+  return os.path.join(checkpoints, str(max(steps)))
+
+
+def find_params(path: str) -> tuple[str, tuple[str, ...]]:
+  """(orbax PyTree folder, key prefix of the params inside it) for a run folder (its latest
+  step), a ``checkpoints`` folder, one step folder, or an export. ValueError if none."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = _step_folder(os.path.join(path, 'checkpoints'))
+  elif os.path.basename(path) == 'checkpoints':
+    path = _step_folder(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return os.path.join(path, 'state'), ('params',)
+  if os.path.isdir(os.path.join(path, 'params')):
+    return os.path.join(path, 'params'), ()
+  raise ValueError(f'{path}: not a run folder, checkpoint step or export (no checkpoints/, '
+                   'state/ or params/ inside)')
+
+
+def find_config(path: str) -> dict:
+  """The config a run folder, checkpoint step or export was trained with."""
+  folder, prefix = find_params(path)
+  if prefix:  # a step folder: <step>/config is the run's config at that step
+    with open(os.path.join(os.path.dirname(folder), 'config', 'metadata')) as f:
+      return json.load(f)
+  with open(os.path.join(os.path.dirname(folder), 'config.json')) as f:
+    return json.load(f)
+
+
+def path_name(path) -> str:
+  """'encoder/layers/0/ffn/experts/wi' for a jax key path."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda name: True
+                ) -> tuple[Any, list[str]]:
+  """Params from ``path`` (see `find_params`) for the leaves of ``target`` (ShapeDtypeStructs
+  with shardings, or arrays) whose path ``select`` accepts; the others keep ``target``'s value.
+
+  Returns (the merged tree, the names loaded). Raises ValueError naming a selected parameter
+  that the checkpoint lacks or holds with another shape. Stored dtypes (e.g. a bfloat16
+  export) are cast to the target's.
+  """
+  folder, prefix = find_params(path)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(folder).item_metadata.tree
+  for key in prefix:
+    stored = stored[key]
+  stored = {path_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  wanted = {path_name(p): x for p, x in leaves if select(path_name(p))}
+  for name, x in wanted.items():
+    if name not in stored:
+      raise ValueError(f'train.init_from: {folder} has no parameter {name}')
+    if tuple(stored[name].shape) != tuple(x.shape):
+      raise ValueError(f'train.init_from: parameter {name} is {tuple(stored[name].shape)} in '
+                       f'{folder}, {tuple(x.shape)} in this model')
+  subset = _unflatten(wanted)
+  for key in reversed(prefix):
+    subset = {key: subset}
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), subset)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(
+        item=subset, restore_args=restore_args, partial_restore=True))
+  for key in prefix:
+    restored = restored[key]
+  loaded = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  merged = [loaded.get(path_name(p), x) for p, x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, merged), sorted(loaded)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('/')
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree

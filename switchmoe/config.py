@@ -7,12 +7,16 @@ be overridden on the command line (``--config.model.moe.num_experts=16``). Tuple
 
 from __future__ import annotations
 
+import difflib
+import re
+
 import ml_collections
 
 ARCHS = ('encoder_decoder', 'decoder')
 OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 DTYPES = ('float32', 'bfloat16')
+NONFINITE = ('skip', 'stop')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,8 +81,14 @@ def default_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4
-  t.checkpoint_every = 100
-  t.keep_checkpoints = 3
+  t.checkpoint_every = 100     # asynchronous saves; also saved at the end and on SIGTERM
+  t.keep_checkpoints = 3       # newest checkpoints kept ...
+  t.keep_period = 0            # ... plus every step divisible by this (0 = none)
+  t.nonfinite = 'skip'         # non-finite loss or gradients: 'skip' the update, or 'stop'
+  t.init_from = ''             # fine-tune: a run folder, checkpoint step or export to load
+  t.init_from_params = 'all'   # which of its params: 'all', 'non_expert', or a path regex
+  t.profile_steps = 0          # trace this many steps after the first into workdir/profile
+  t.peak_flops = 0.0           # per-device peak FLOP/s for MFU; 0 = by device kind
 
   c.optim = o = ml_collections.ConfigDict()
   o.name = 'adafactor'
@@ -117,7 +127,8 @@ def base_size(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def _choice(name: str, value, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f'{name}={value!r}: expected one of {allowed}')
+    raise ValueError(f'{name}={value!r}: not an option; allowed: '
+                     f'{", ".join(map(repr, allowed))}')
 
 
 def _positive(name: str, value) -> None:
@@ -157,8 +168,109 @@ def _validate_routing(e: ml_collections.ConfigDict, arch: str) -> None:
                      '(0, 1) for exploration="input_dropout"')
 
 
+def unknown_field_message(path: str, value, known) -> str:
+  """``path=value: unknown field (did you mean x?); allowed: a, b`` for a misspelt field."""
+  name = path.rsplit('.', 1)[-1]
+  close = difflib.get_close_matches(name, list(known), n=1)
+  hint = f' (did you mean {close[0]}?)' if close else ''
+  return f'{path}={value!r}: unknown field{hint}; allowed: {", ".join(sorted(known))}'
+
+
+def _type_name(reference) -> str:
+  return {bool: 'True or False', int: 'an int', float: 'a number', str: 'a string',
+          tuple: 'a tuple'}.get(type(reference), type(reference).__name__)
+
+
+def _has_type(value, reference) -> bool:
+  if isinstance(reference, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(reference, bool)
+  if isinstance(reference, float):
+    return isinstance(value, (int, float))
+  if isinstance(reference, tuple):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(reference))
+
+
+def check_fields(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+                 prefix: str = '') -> None:
+  """Every field of ``c`` exists in `default_config()` with the same type, and none is missing.
+
+  Command-line overrides are checked by ml_collections; this catches config files and
+  programmatic configs (a misspelt ``c.train.num_step = 10`` silently adds a field).
+  """
+  reference = default_config() if reference is None else reference
+  for key in c.keys():
+    path, value = f'{prefix}{key}', c[key]
+    if key not in reference:
+      raise ValueError(unknown_field_message(path, value, reference.keys()))
+    ref = reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f'{path}={value!r}: must be a section; allowed: its fields '
+                         f'{", ".join(sorted(ref.keys()))}')
+      check_fields(value, ref, f'{path}.')
+    elif not _has_type(value, ref):
+      raise ValueError(f'{path}={value!r}: wrong type {type(value).__name__}; allowed: '
+                       f'{_type_name(ref)}')
+  for key in reference.keys():
+    if key not in c:
+      raise ValueError(f'{prefix}{key}: missing; allowed: {_type_name(reference[key])} '
+                       f'(default {reference[key]!r})')
+
+
+def _at_least(name: str, value, low) -> None:
+  if not value >= low:
+    raise ValueError(f'{name}={value!r}: must be >= {low}')
+
+
+def _check_groups(c: ml_collections.ConfigDict) -> None:
+  """Each stack with a Switch layer splits a global batch's tokens into whole groups."""
+  e, m, t, d = c.model.moe, c.model, c.train, c.data
+  stacks = [('decoder', 'data.targets_length', d.targets_length,
+             m.num_decoder_layers or m.num_layers)]
+  if m.arch == 'encoder_decoder':
+    stacks.append(('encoder', 'data.inputs_length', d.inputs_length, m.num_layers))
+  for stack, length_name, length, layers in stacks:
+    tokens = t.batch_size * length
+    if layers >= e.every and tokens % min(e.group_size, tokens):
+      raise ValueError(f'model.moe.group_size={e.group_size}: does not divide the {tokens} '
+                       f'{stack} tokens of a batch (train.batch_size * {length_name}); '
+                       f'allowed: a divisor of {tokens}')
+
+
+def _validate_training(c: ml_collections.ConfigDict) -> None:
+  """The train and optim sections, the seed, mesh entries and routing groups."""
+  t, o = c.train, c.optim
+  _at_least('seed', c.seed, 0)
+  _choice('train.nonfinite', t.nonfinite, NONFINITE)
+  for name, value, low in (('train.eval_batches', t.eval_batches, 1),
+                           ('train.keep_checkpoints', t.keep_checkpoints, 1),
+                           ('train.keep_period', t.keep_period, 0),
+                           ('train.profile_steps', t.profile_steps, 0),
+                           ('train.peak_flops', t.peak_flops, 0),
+                           ('optim.warmup_steps', o.warmup_steps, 0),
+                           ('optim.weight_decay', o.weight_decay, 0),
+                           ('optim.grad_clip', o.grad_clip, 0),
+                           ('model.num_decoder_layers', c.model.num_decoder_layers, 0)):
+    _at_least(name, value, low)
+  if t.init_from_params not in ('all', 'non_expert'):
+    try:
+      re.compile(t.init_from_params)
+    except re.error as err:
+      raise ValueError(f'train.init_from_params={t.init_from_params!r}: bad regex ({err}); '
+                       "allowed: 'all', 'non_expert' or a regular expression") from None
+  if not all(isinstance(s, int) and not isinstance(s, bool) for s in c.mesh.shape):
+    raise ValueError(f'mesh.shape={tuple(c.mesh.shape)!r}: entries must be ints; allowed: '
+                     'positive sizes and at most one -1')
+  if not all(isinstance(a, str) for a in c.mesh.axes):
+    raise ValueError(f'mesh.axes={tuple(c.mesh.axes)!r}: entries must be axis names')
+  if c.model.moe.every > 0:
+    _check_groups(c)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field; cheap, runs before any compilation."""
+  check_fields(c)
   m, e, d, t, o = c.model, c.model.moe, c.data, c.train, c.optim
   _choice('model.arch', m.arch, ARCHS)
   _choice('model.dtype', m.dtype, DTYPES)
@@ -194,3 +306,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if len(tuple(c.mesh.shape)) != len(tuple(c.mesh.axes)):
     raise ValueError(f'mesh.shape {tuple(c.mesh.shape)} and mesh.axes {tuple(c.mesh.axes)} '
                      'differ in length')
+  _validate_training(c)

@@ -1,13 +1,21 @@
 """Command line: ``switchmoe-train --config=configs/switch_tiny.py --workdir=DIR
-[--config.a.b=value ...]`` (also ``python scripts/train.py ...``)."""
+[--config.a.b=value ...]`` (also ``python scripts/train.py ...``).
+
+Exit codes: 0 when done or stopped by SIGTERM / SIGINT after saving (run the same command to
+resume); 1 on a non-finite loss with ``train.nonfinite=stop``; 2 on a bad config, flag or
+workdir, reported in one line ``error: <field>=<value>: <why>; allowed: ...`` before anything
+is compiled or written.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from switchmoe import config as config_lib
 from switchmoe import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.')
@@ -16,20 +24,53 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: metrics, TensorBoar
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def fail(message: str, code: int = 2):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """The message for the first ``--config.a.b=v`` naming a field the config lacks."""
+  reference = config_lib.default_config()
+  for arg in argv:
+    match = re.match(r'--config\.([\w.]+)(?:=(.*))?$', arg)
+    if not match:
+      continue
+    node, path = reference, match.group(1)
+    for depth, key in enumerate(path.split('.')):
+      if not hasattr(node, 'keys') or key not in node:
+        known = node.keys() if hasattr(node, 'keys') else ()
+        where = '.'.join(path.split('.')[:depth + 1])
+        return config_lib.unknown_field_message(where, match.group(2), known)
+      node = node[key]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with errors (unknown field, unparsable value) as one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).replace('flag --config.', 'config.'))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+    fail(unknown_override(argv) or str(e))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    fail(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   try:
     train.train(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # config and data errors: one line, no traceback
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  except ValueError as e:  # config, workdir and data errors: one line, no traceback
+    fail(str(e))
+  except train.NonFiniteError as e:
+    fail(str(e), code=1)
 
 
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

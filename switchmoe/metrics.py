@@ -35,16 +35,28 @@ def to_python(value):
 
 
 class MetricWriter:
-  """Appends to ``workdir/metrics.jsonl`` and writes TensorBoard scalars under ``workdir``."""
+  """Appends to ``workdir/metrics.jsonl`` and writes TensorBoard scalars under ``workdir``.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  A run resumed at step ``start`` first drops what an interrupted run logged after its last
+  checkpoint (``metrics.jsonl`` lines and TensorBoard events past ``start``): the resumed run
+  logs those steps again, and each file then holds one curve.
+  """
+
+  def __init__(self, workdir: str, *, start: int = 0, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if start and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start]
+      with open(path, 'w') as f:
+        f.writelines(kept)
+    self._jsonl = open(path, 'a', buffering=1)
     from tensorboardX import SummaryWriter  # import here: only the writing process needs it
-    self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
+    self._tb = SummaryWriter(logdir=workdir, flush_secs=10,
+                             purge_step=start + 1 if start else None)
 
   def write(self, step: int, metrics: Mapping) -> dict:
     record = {'step': int(step), **{k: to_python(v) for k, v in flatten(metrics).items()}}
@@ -62,7 +74,11 @@ class MetricWriter:
 
 
 class Progress:
-  """Prints ``step n/N | loss | tok/s | ETA`` lines, measuring time between reports."""
+  """Prints ``[####----] step n/N | loss | ... | tok/s | MFU | ETA`` lines, measuring time
+  between reports. One line per report (not a redrawn bar), so logs of batch jobs read well.
+  """
+
+  BAR_WIDTH = 20
 
   def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True, stream=None):
     self.total, self.enabled = total_steps, enabled
@@ -76,16 +92,25 @@ class Progress:
     self._last_step, self._last_time = step, now
     return per_step
 
+  def bar(self, step: int) -> str:
+    done = round(self.BAR_WIDTH * step / max(self.total, 1))
+    return '[' + '#' * done + '-' * (self.BAR_WIDTH - done) + ']'
+
   def report(self, step: int, record: Mapping, step_time: float) -> None:
     if not self.enabled:
       return
     eta = datetime.timedelta(seconds=round(step_time * (self.total - step)))
-    parts = [f'step {step}/{self.total}']
+    parts = [f'{self.bar(step)} step {step}/{self.total}']
     for key, label, fmt in (('train/loss', 'loss', '.4f'), ('train/ce', 'ce', '.4f'),
                             ('eval/ce', 'eval ce', '.4f'),
-                            ('train/dropped_fraction', 'dropped', '.3f')):
+                            ('train/dropped_fraction', 'dropped', '.3f'),
+                            ('train/grad_norm', 'grad norm', '.3g')):
       if key in record and math.isfinite(record[key]):
         parts.append(f'{label} {record[key]:{fmt}}')
-    parts += [f'{record.get("perf/tokens_per_sec", 0):,.0f} tok/s', f'{step_time:.3f} s/step',
-              f'ETA {eta}']
+    if record.get('train/skipped_steps'):
+      parts.append(f'skipped {record["train/skipped_steps"]}')
+    parts += [f'{record.get("perf/tokens_per_sec", 0):,.0f} tok/s', f'{step_time:.3f} s/step']
+    if 'perf/mfu' in record:
+      parts.append(f'MFU {100 * record["perf/mfu"]:.1f}%')
+    parts.append(f'ETA {eta}')
     print(' | '.join(parts), file=self.stream, flush=True)

@@ -1,18 +1,26 @@
 """The training loop: build the mesh and sharded state, resume, step, evaluate, checkpoint.
 
-The train state is a plain pytree ``{'params', 'opt_state', 'step'}``; the model's structure
-(an NNX GraphDef) stays static and is merged with the params inside the jitted step. Every
-random draw in step n comes from ``fold_in(seed, n)``, and the data iterator's position is
-checkpointed, so a resumed run repeats the uninterrupted one.
+The train state is a plain pytree ``{'params', 'opt_state', 'step', 'skipped_steps',
+'last_skipped_step'}``; the model's structure (an NNX GraphDef) stays static and is merged
+with the params inside the jitted step. Every random draw in step n comes from
+``fold_in(seed, n)``, and the data iterator's position is checkpointed, so a resumed run
+repeats the uninterrupted one bit for bit.
+
+A step whose loss or gradient norm is not finite leaves params and optimizer state as they
+were and only counts itself (``train.nonfinite='skip'``); with ``'stop'`` the host raises
+`NonFiniteError` naming the step at the next log or checkpoint step, before saving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-import time
+import re
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -21,14 +29,17 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from switchmoe import checkpoint as checkpoint_lib
 from switchmoe import config as config_lib
 from switchmoe import data as data_lib
+from switchmoe import flops as flops_lib
 from switchmoe import routing, sharding
 from switchmoe.checkpoint import Checkpointer, abstract_like
 from switchmoe.metrics import MetricWriter, Progress
 from switchmoe.model import LanguageModel, loss_and_metrics
-from switchmoe.optim import make_optimizer, schedule
+from switchmoe.optim import clip_by_global_norm, make_optimizer, schedule
 
 State = dict[str, Any]
 
@@ -42,8 +53,9 @@ class Setup:
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   state_shardings: Any
+  abstract_state: Any  # ShapeDtypeStructs with shardings: the restore target
   batch_sharding: jax.sharding.NamedSharding
-  init: Any          # key -> State, placed in state_shardings
+  init: Any          # key -> State, placed in state_shardings (compiled)
   train_step: Any    # (State, batch) -> (State, metrics)
   eval_step: Any     # (params, batch) -> summed metrics
 
@@ -73,10 +85,14 @@ def make_setup(config: ml_collections.ConfigDict,
     model = LanguageModel(config.model, rngs=nnx.Rngs(params=key))
     params = jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model)),
                                               param_shardings)
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    zero = jnp.zeros((), jnp.int32)
+    return {'params': params, 'opt_state': tx.init(params), 'step': zero,
+            'skipped_steps': zero, 'last_skipped_step': zero}
 
   with jax.set_mesh(mesh), sharding.use_rules(rules):
-    state_shardings = jax.jit(init).lower(jax.random.key(0)).compile().output_shardings
+    # Compiled once: the optimizer state's shardings are whatever GSPMD chose for it.
+    compiled_init = jax.jit(init).lower(jax.random.key(0)).compile()
+  state_shardings = compiled_init.output_shardings
   base_key = jax.random.key(config.seed)
   lr_schedule = schedule(config.optim, config.train.num_steps)
 
@@ -90,12 +106,21 @@ def make_setup(config: ml_collections.ConfigDict,
       return loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=False,
                               rngs=rngs)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    grad_norm = optax.tree.norm(grads)
+    grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state['params'], state['opt_state']))
+    step = state['step'] + 1
+    skipped = state['skipped_steps'] + (~finite).astype(jnp.int32)
+    metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates), skipped_steps=skipped,
                    learning_rate=lr_schedule(state['step']))
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+    return {'params': params, 'opt_state': opt_state, 'step': step, 'skipped_steps': skipped,
+            'last_skipped_step': jnp.where(finite, state['last_skipped_step'], step)}, metrics
 
   def eval_step(params, batch) -> dict:
     """Sums over tokens, so that averages over several batches are exact."""
@@ -109,7 +134,8 @@ def make_setup(config: ml_collections.ConfigDict,
   return Setup(
       config=config, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
       state_shardings=state_shardings, batch_sharding=batch_sharding,
-      init=jax.jit(init, out_shardings=state_shardings),
+      abstract_state=abstract_like(compiled_init.out_info, state_shardings),
+      init=compiled_init,
       train_step=jax.jit(train_step, out_shardings=(state_shardings, None),
                          donate_argnums=0),
       eval_step=jax.jit(eval_step))
@@ -140,69 +166,240 @@ def tokens_per_step(config: ml_collections.ConfigDict) -> int:
   return config.train.batch_size * length
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Trains to ``config.train.num_steps``, resuming from ``workdir`` if it has checkpoints.
+class NonFiniteError(RuntimeError):
+  """Training met a non-finite loss or gradient with ``train.nonfinite='stop'``."""
 
-  Returns the metric records logged by this call (also in ``workdir/metrics.jsonl``).
-  """
-  s = make_setup(config)
+
+# Fields that fix the parameters' shapes or what the run is (its model, optimizer-state tree,
+# data and seed). Resuming a workdir with other values is refused; the remaining fields
+# (capacity factors, loss weights, dropout, dtypes, dispatch, group size, learning rate,
+# num_steps, mesh ...) may change between a run's restarts.
+RUN_IDENTITY = ('seed', 'model.arch', 'model.vocab_size', 'model.d_model', 'model.num_layers',
+                'model.num_decoder_layers', 'model.num_heads', 'model.d_kv', 'model.d_ff',
+                'model.ffn_activation', 'model.tie_embeddings',
+                'model.relative_attention_num_buckets', 'model.relative_attention_max_distance',
+                'model.moe.num_experts', 'model.moe.every', 'model.moe.router', 'optim.name',
+                'data.source', 'data.tokenizer')
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if ``workdir`` holds a run whose `RUN_IDENTITY` fields differ."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = ml_collections.ConfigDict(json.load(f))
+  for name in RUN_IDENTITY:
+    try:
+      was = functools.reduce(lambda c, key: c[key], name.split('.'), old)
+    except KeyError:  # written before the field existed
+      continue
+    now = functools.reduce(lambda c, key: c[key], name.split('.'), config)
+    if was != now:
+      raise ValueError(f'{name}={now!r}: --workdir={workdir} holds a run with {name}={was!r}; '
+                       'allowed: its value (to resume that run) or a new --workdir')
+
+
+def param_filter(spec: str):
+  """train.init_from_params -> predicate on names like 'encoder/layers/1/ffn/experts/wi'."""
+  if spec == 'all':
+    return lambda name: True
+  if spec == 'non_expert':  # everything but expert FFNs and routers, e.g. from a dense T5
+    return lambda name: not re.search(r'(^|/)(experts|router)/', name)
+  return lambda name: re.search(spec, name) is not None
+
+
+class StopSignals:
+  """Turns SIGTERM / SIGINT (preemption, Ctrl-C) into a flag the loop checks after each
+  step; a second signal gets the previous handler (Ctrl-C twice interrupts at once)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __enter__(self):
+    self.received, self._previous = None, {}
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    self.received = signal.Signals(signum).name
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step: int, sync: bool) -> bool:
+    """Single process: after every step. Several: only at ``sync`` steps (log steps), agreed
+    by all processes, so that they all save the same step."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    if not sync:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return bool(np.any(flags))
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class Profiler:
+  """JAX profiler trace of steps [first, first + num) into ``workdir/profile``."""
+
+  def __init__(self, workdir: str, first: int, num: int, *, enabled: bool):
+    self.directory = os.path.join(workdir, 'profile')
+    self.first, self.last, self.enabled = first, first + num - 1, enabled and num > 0
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, outputs) -> None:
+    if self.active and step == self.last:
+      self.stop(outputs)
+
+  def stop(self, outputs=None) -> None:
+    if self.active:
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f'Profiled steps {self.first}-{self.last} into {self.directory}', flush=True)
+
+
+def check_numerics(state: State, metrics: dict, step: int, start: int,
+                   config: ml_collections.ConfigDict) -> None:
+  """At log and checkpoint steps: raises NonFiniteError if this run skipped a step under
+  ``train.nonfinite='stop'``, or if the parameters themselves became non-finite."""
+  last_skipped = int(state['last_skipped_step'])
+  if config.train.nonfinite == 'stop' and last_skipped > start:
+    raise NonFiniteError(
+        f'non-finite loss or gradients at step {last_skipped} (train.nonfinite=stop); '
+        f'nothing after step {start} was saved')
+  if not np.isfinite(float(metrics['param_norm'])):
+    raise NonFiniteError(f'parameters are non-finite after step {step}; not saving them')
+
+
+def perf_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 step_time: float) -> dict:
+  """Tokens/s, step time, model TFLOP/s per device and, where the peak is known, MFU."""
+  devices = mesh.devices.size
+  flops_per_sec = flops_lib.train_step_flops(config) / step_time / devices
+  out = {'perf/step_time': step_time,
+         'perf/tokens_per_sec': tokens_per_step(config) / step_time,
+         'perf/model_tflops_per_device': flops_per_sec / 1e12}
+  peak = config.train.peak_flops or flops_lib.peak_flops(mesh.devices.flat[0].device_kind)
+  if peak:
+    out['perf/mfu'] = flops_per_sec / peak
+  return out
+
+
+def restore_or_init(s: Setup, checkpointer: Checkpointer, data_iter, lead: bool
+                    ) -> tuple[State, int]:
+  """(state, step): the workdir's latest checkpoint, else a fresh init (plus
+  ``train.init_from`` params)."""
+  config = s.config
+  start = checkpointer.latest_step()
+  if start is not None:
+    state, data_state = checkpointer.restore(start, s.abstract_state)
+    data_iter.set_state(data_state)
+    if lead:
+      print(f'Resumed from {checkpointer.directory}/{start}', flush=True)
+    return state, start
+  state = s.init(jax.random.key(config.seed))
+  if config.train.init_from:
+    state['params'], names = checkpoint_lib.load_params(
+        config.train.init_from, state['params'], param_filter(config.train.init_from_params))
+    if lead:
+      total = len(jax.tree.leaves(state['params']))
+      print(f'Initialised {len(names)} of {total} parameter arrays from '
+            f'{config.train.init_from}', flush=True)
+  return state, 0
+
+
+def open_data(config: ml_collections.ConfigDict, stack: contextlib.ExitStack):
+  """(train iterator, eval batches) for this process; raises ValueError for bad data fields."""
   t = config.train
-  lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if lead:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
   per_process = t.batch_size // jax.process_count()
   data_iter = data_lib.make_train_iterator(config, batch_size=per_process,
                                            process_index=jax.process_index(),
                                            process_count=jax.process_count())
+  close = getattr(data_iter, 'close', None)
+  if close is not None:
+    stack.callback(close)
   eval_batches = data_lib.make_eval_batches(config, batch_size=per_process,
                                             num_batches=t.eval_batches,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())
-  checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
-  writer = MetricWriter(workdir, enabled=lead)
+  return data_iter, eval_batches
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains to ``config.train.num_steps``, resuming from ``workdir`` if it has checkpoints.
+
+  Everything that can be checked (config fields, workdir compatibility, data fields,
+  ``init_from`` path, mesh) raises ValueError before compiling or writing to ``workdir``.
+  SIGTERM / SIGINT end the run after the current step with a checkpoint. Returns the metric
+  records logged by this call (also in ``workdir/metrics.jsonl``).
+  """
+  config_lib.validate(config)
+  check_workdir(config, workdir)
+  t = config.train
+  if t.init_from:
+    checkpoint_lib.find_params(t.init_from)
+  lead = jax.process_index() == 0
   records = []
-  try:
-    with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
-      start = checkpointer.latest_step()
-      if start is None:
-        state, start = s.init(jax.random.key(config.seed)), 0
-      else:
-        abstract = abstract_like(jax.eval_shape(s.init, jax.random.key(0)), s.state_shardings)
-        state, data_state = checkpointer.restore(start, abstract)
-        data_iter.set_state(data_state)
+  with contextlib.ExitStack() as stack:
+    data_iter, eval_batches = open_data(config, stack)
+    s = make_setup(config)
+    os.makedirs(workdir, exist_ok=True)
+    if lead:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, keep_period=t.keep_period)
+    stack.callback(checkpointer.close)
+    signals = stack.enter_context(StopSignals())
+    stack.enter_context(jax.set_mesh(s.mesh))
+    stack.enter_context(sharding.use_rules(s.rules))
+    state, start = restore_or_init(s, checkpointer, data_iter, lead)
+    writer = MetricWriter(workdir, start=start, enabled=lead)
+    stack.callback(writer.close)
+    profiler = Profiler(workdir, start + 2, t.profile_steps, enabled=lead)
+    stack.callback(profiler.stop)
+    progress = Progress(t.num_steps, start, enabled=lead)
+    config_json = json.loads(config.to_json())
+    for step in range(start + 1, t.num_steps + 1):
+      profiler.before(step)
+      state, metrics = s.train_step(state, device_batch(s, next(data_iter)))
+      profiler.after(step, state)
+      if step == start + 1:  # keep compilation out of the step-time and ETA figures
+        jax.block_until_ready(metrics)
+        first_step_time = progress.lap(step)
         if lead:
-          print(f'Resumed from {checkpointer.directory}/{start}', flush=True)
-      progress = Progress(t.num_steps, start, enabled=lead)
-      tokens = tokens_per_step(config)
-      for step in range(start + 1, t.num_steps + 1):
-        state, metrics = s.train_step(state, device_batch(s, next(data_iter)))
-        if step == start + 1:  # keep compilation out of the step-time and ETA figures
-          jax.block_until_ready(metrics)
-          first_step_time = progress.lap(step)
-          if lead:
-            print(f'Compiled and ran the first step in {first_step_time:.1f} s', flush=True)
-        last = step == t.num_steps
-        if step % t.log_every == 0 or step % t.eval_every == 0 or last:
-          metrics = jax.device_get(metrics)  # waits for the step: timing below is honest
-          step_time = progress.lap(step)
-          record = {f'train/{k}': v for k, v in metrics.items() if k != 'moe'}
-          record['moe'] = metrics['moe']
-          record.update({'perf/step_time': step_time, 'perf/tokens_per_sec': tokens / step_time})
-          if step % t.eval_every == 0 or last:
-            record.update(evaluate(s, state['params'], eval_batches))
-            progress.lap(step)  # evaluation time is not training time
-          records.append(writer.write(step, record))
-          progress.report(step, records[-1], step_time)
-        if step % t.checkpoint_every == 0 or last:
-          checkpointer.save(step, state, data_iter.get_state(), json.loads(config.to_json()))
+          print(f'Compiled and ran the first step in {first_step_time:.1f} s', flush=True)
+      last, evaluate_now = step == t.num_steps, step % t.eval_every == 0
+      log = step % t.log_every == 0 or evaluate_now or last
+      stop = signals.should_stop(step, sync=log)
+      if log:
+        metrics = jax.device_get(metrics)  # waits for the step: timing below is honest
+        check_numerics(state, metrics, step, start, config)
+        step_time = progress.lap(step)
+        record = {f'train/{k}': v for k, v in metrics.items() if k != 'moe'}
+        record['moe'] = metrics['moe']
+        record.update(perf_metrics(config, s.mesh, step_time))
+        if evaluate_now or last:
+          record.update(evaluate(s, state['params'], eval_batches))
+          progress.lap(step)  # evaluation time is not training time
+        records.append(writer.write(step, record))
+        progress.report(step, records[-1], step_time)
+      if step % t.checkpoint_every == 0 or last or stop:
+        check_numerics(state, jax.device_get(metrics), step, start, config)
+        checkpointer.save(step, state, data_iter.get_state(), config_json)
+      if stop:
+        checkpointer.wait()
+        if lead:
+          print(f'Stopped by {signals.received or "another process"} after step {step}; saved '
+                f'{checkpointer.directory}/{step}. Run the same command to resume.',
+                flush=True)
+        break
     checkpointer.wait()
-  finally:
-    checkpointer.close()
-    writer.close()
-    close = getattr(data_iter, 'close', None)
-    if close is not None:
-      close()
   return records

@@ -1,0 +1,831 @@
+"""Routers and dispatches against independent NumPy per-token references, plus properties.
+
+The references below call no library code. Each routes one group of S tokens at a time:
+
+- tokens choose (top-k): every token ranks the experts by probability and makes k choices;
+  all first choices take capacity before any second choice (and so on), within one rank in
+  sequence order, or, batch-prioritized (BPR), by descending top-1 probability (stable).
+  A choice is kept while its expert holds fewer than ``capacity`` tokens of the group.
+- no-token-left-behind: after top-1 routing, in round r = 1, 2, ... each still-dropped token
+  (same order) tries its (r+1)-th ranked expert and takes a slot if one is left.
+- experts choose: expert e keeps the ``capacity`` tokens of the group with the highest p_e.
+
+The MoE output reference is a per-expert loop: y[token] = sum over kept choices of
+gate * FFN_expert(x[token]), FFN(x) = relu(x @ wi) @ wo.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from switchmoe import moe, routing
+from switchmoe.moe import MoeLayer
+
+D, F = 4, 8           # d_model, d_ff
+B, L = 2, 8           # 16 tokens per batch
+ALL_STREAMS = lambda seed=0: nnx.Rngs(**{n: seed + i for i, n in enumerate(routing.RNG_STREAMS)})
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy references (no library calls).
+
+
+def np_softmax(logits):
+  z = np.exp(logits - logits.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def _order(probs_SxE, prioritized):
+  s = probs_SxE.shape[0]
+  if not prioritized:
+    return list(range(s))
+  top = probs_SxE.max(-1)
+  return sorted(range(s), key=lambda t: -top[t])       # Python's sort is stable
+
+
+def ref_tokens_choose(probs_GxSxE, capacity, k, *, renormalize=False, prioritized=False):
+  """Returns expert, gate (0 where dropped), position (-1 where dropped), kept: GxSxK."""
+  probs = np.asarray(probs_GxSxE, np.float64)
+  g, s, e = probs.shape
+  expert = np.zeros((g, s, k), int)
+  gate = np.zeros((g, s, k))
+  position = -np.ones((g, s, k), int)
+  kept = np.zeros((g, s, k), bool)
+  for gi in range(g):
+    choice_gates = np.zeros((s, k))
+    for t in range(s):
+      ranked = sorted(range(e), key=lambda j: -probs[gi, t, j])[:k]
+      expert[gi, t] = ranked
+      choice_gates[t] = probs[gi, t, ranked]
+      if renormalize:
+        choice_gates[t] /= choice_gates[t].sum()
+    count = np.zeros(e, int)
+    for rank in range(k):
+      for t in _order(probs[gi], prioritized):
+        j = expert[gi, t, rank]
+        if count[j] < capacity:
+          position[gi, t, rank] = count[j]
+          count[j] += 1
+          kept[gi, t, rank] = True
+          gate[gi, t, rank] = choice_gates[t, rank]
+  return expert, gate, position, kept
+
+
+def ref_ntlb(probs_GxSxE, capacity, rounds, *, prioritized=False):
+  """Top-1 routing with no-token-left-behind re-routing (K = 1)."""
+  probs = np.asarray(probs_GxSxE, np.float64)
+  g, s, e = probs.shape
+  expert, _, position, kept = ref_tokens_choose(probs, capacity, 1, prioritized=prioritized)
+  gate = np.zeros((g, s, 1))
+  for gi in range(g):
+    count = np.bincount(expert[gi, kept[gi, :, 0], 0], minlength=e)
+    for r in range(1, min(rounds, e - 1) + 1):
+      for t in _order(probs[gi], prioritized):
+        if kept[gi, t, 0]:
+          continue
+        j = sorted(range(e), key=lambda jj: -probs[gi, t, jj])[r]
+        if count[j] < capacity:
+          expert[gi, t, 0], position[gi, t, 0], kept[gi, t, 0] = j, count[j], True
+          count[j] += 1
+    for t in range(s):
+      if kept[gi, t, 0]:
+        gate[gi, t, 0] = probs[gi, t, expert[gi, t, 0]]
+  return expert, gate, position, kept
+
+
+def ref_experts_choose(probs_GxSxE, capacity):
+  """K = E: choice e of a token is expert e."""
+  probs = np.asarray(probs_GxSxE, np.float64)
+  g, s, e = probs.shape
+  expert = np.broadcast_to(np.arange(e), (g, s, e)).copy()
+  gate = np.zeros((g, s, e))
+  position = -np.ones((g, s, e), int)
+  kept = np.zeros((g, s, e), bool)
+  for gi in range(g):
+    for j in range(e):
+      best = sorted(range(s), key=lambda t: -probs[gi, t, j])[:capacity]
+      for slot, t in enumerate(best):
+        position[gi, t, j], kept[gi, t, j], gate[gi, t, j] = slot, True, probs[gi, t, j]
+  return expert, gate, position, kept
+
+
+def ref_route(probs, capacity, *, router, k=2, renormalize=True, prioritized=False, ntlb=0):
+  if router == 'experts_choose':
+    return ref_experts_choose(probs, capacity)
+  if router == 'topk':
+    return ref_tokens_choose(probs, capacity, k, renormalize=renormalize,
+                             prioritized=prioritized)
+  return ref_ntlb(probs, capacity, ntlb, prioritized=prioritized)
+
+
+def ref_ffn(x_D, wi_DxF, wo_FxD):
+  return np.maximum(x_D @ wi_DxF, 0.0) @ wo_FxD
+
+
+def ref_moe(x_BxLxD, w, *, group_size, capacity, **route_kw):
+  """Float64 MoE layer, per-expert loop. Returns (y_BxLxD, probs_GxSxE, routing tuple)."""
+  x = np.asarray(x_BxLxD, np.float64)
+  xs = x.reshape(-1, x.shape[-1])
+  n = xs.shape[0]
+  s = min(group_size, n)
+  g = n // s
+  wr, wi, wo = (np.asarray(w[k], np.float64) for k in ('router', 'wi', 'wo'))
+  probs = np_softmax(xs @ wr).reshape(g, s, -1)
+  expert, gate, position, kept = ref_route(probs, capacity, **route_kw)
+  y = np.zeros_like(xs)
+  for e in range(wr.shape[1]):
+    for gi, t, kk in zip(*np.nonzero(kept & (expert == e))):
+      j = gi * s + t
+      y[j] += gate[gi, t, kk] * ref_ffn(xs[j], wi[e], wo[e])
+  return y.reshape(x.shape), probs, (expert, gate, position, kept)
+
+
+def min_gap(probs_GxSxE, prioritized=False):
+  """Smallest log-gap between probabilities the routers compare (tie sanity check)."""
+  p = np.log(np.asarray(probs_GxSxE, np.float64))
+  gaps = [np.diff(np.sort(p, -1), axis=-1).min(), np.diff(np.sort(p, 1), axis=1).min()]
+  if prioritized:
+    gaps.append(np.diff(np.sort(p.max(-1), -1), axis=-1).min())
+  return min(gaps)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def random_probs(seed, shape, scale=2.0):
+  logits = (scale * np.random.RandomState(seed).randn(*shape)).astype(np.float32)
+  return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+
+
+def assert_routing_equal(r, ref, *, compare_dropped_expert=True, rtol=1e-6):
+  expert, gate, position, kept = ref
+  r_kept = np.asarray(r.kept_GxSxK)
+  np.testing.assert_array_equal(r_kept, kept, err_msg='kept')
+  r_expert = np.asarray(r.expert_index_GxSxK)
+  if compare_dropped_expert:
+    np.testing.assert_array_equal(r_expert, expert, err_msg='expert')
+  else:
+    np.testing.assert_array_equal(r_expert[kept], expert[kept], err_msg='expert')
+  np.testing.assert_array_equal(np.asarray(r.position_GxSxK)[kept], position[kept],
+                                err_msg='position')
+  np.testing.assert_allclose(np.asarray(r.gate_GxSxK), gate, rtol=rtol, atol=1e-7,
+                             err_msg='gate')
+  assert np.all(np.asarray(r.gate_GxSxK)[~kept] == 0.0)
+
+
+def options(router, **kw):
+  return routing.RoutingOptions(router=router, **kw)
+
+
+def make_layer(*, router='switch', k=2, num_experts=4, group_size=8, capacity_factor=1.0,
+               min_capacity=1, dispatch='einsum', alpha=0.0, beta=0.0, jitter=0.0,
+               input_dropout=0.0, seed=0, router_std=1.0, **opts):
+  """A float32 relu MoeLayer with NumPy-drawn weights (built abstractly, no init compile)."""
+  o = routing.RoutingOptions(router=router, num_selected=k, **opts)
+  layer = nnx.eval_shape(lambda: MoeLayer(
+      D, F, num_experts=num_experts, group_size=group_size, capacity_factor=capacity_factor,
+      eval_capacity_factor=capacity_factor, min_capacity=min_capacity,
+      load_balance_loss=alpha, router_z_loss=beta, jitter=jitter, activation='relu',
+      init_scale=1.0, expert_dropout=0.0, dtype=jnp.float32,
+      router_input_dropout=input_dropout, dispatch=dispatch, options=o, rngs=nnx.Rngs(0)))
+  rs = np.random.RandomState(seed)
+  set_weights(layer, {
+      'router': router_std * rs.randn(D, num_experts),
+      'wi': rs.randn(num_experts, D, F) / math.sqrt(D),
+      'wo': rs.randn(num_experts, F, D) / math.sqrt(F)})
+  return layer
+
+
+def set_weights(layer, w):
+  layer.router.kernel.set_value(jnp.asarray(w['router'], jnp.float32))
+  layer.experts.wi.set_value(jnp.asarray(w['wi'], jnp.float32))
+  layer.experts.wo.set_value(jnp.asarray(w['wo'], jnp.float32))
+
+
+def weights(layer):
+  return {'router': np.asarray(layer.router.kernel[...]),
+          'wi': np.asarray(layer.experts.wi[...]), 'wo': np.asarray(layer.experts.wo[...])}
+
+
+@nnx.jit(static_argnames='deterministic')
+def call(layer, x, deterministic=True, rngs=None):
+  return layer(x, deterministic=deterministic, rngs=rngs)
+
+
+def random_x(seed, shape=(B, L, D)):
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Routers == per-token references.
+
+_ROUTER_SHAPES = [(2, 8, 3), (1, 16, 8)]
+
+
+def _route(probs, capacity, o):
+  return routing.route(jnp.log(probs), probs, capacity, o, deterministic=True, rngs=None)
+
+
+@pytest.mark.parametrize('shape', _ROUTER_SHAPES, ids=str)
+def test_topk_matches_reference(shape):
+  """Every combination of k, renormalization, BPR and capacity (scaled by k or not)."""
+  g, s, e = shape
+  for k in (1, 2, 3):
+    probs = random_probs(k + s, shape)
+    assert min_gap(probs, True) > 1e-4
+    for renormalize, scales_with_k, prioritized, cf in itertools.product(
+        (False, True), (False, True), (False, True), (0.5, 1.0, 2.0)):
+      capacity = max(1, math.floor(s * (k if scales_with_k else 1) * cf / e))
+      o = options('topk', num_selected=k, renormalize_gates=renormalize,
+                  capacity_scales_with_k=scales_with_k, batch_prioritized=prioritized)
+      r = _route(jnp.asarray(probs), capacity, o)
+      ref = ref_tokens_choose(probs, capacity, k, renormalize=renormalize,
+                              prioritized=prioritized)
+      assert_routing_equal(r, ref)
+      # k = 1 without renormalization is Switch routing.
+      if k == 1 and not renormalize:
+        o1 = options('switch', batch_prioritized=prioritized)
+        assert_routing_equal(_route(jnp.asarray(probs), capacity, o1), ref)
+
+
+@pytest.mark.parametrize('router,k,scales_with_k,cf,expected', [
+    ('topk', 2, False, 1.0, 2), ('topk', 2, True, 1.0, 4), ('topk', 3, True, 1.25, 7),
+    ('switch', 2, True, 1.0, 2), ('experts_choose', 2, True, 0.5, 1),
+    ('topk', 2, True, 0.1, 1)])
+def test_layer_capacity_scales_with_k(router, k, scales_with_k, cf, expected):
+  """MoeLayer capacity: max(min_capacity, floor(S * (k if scaled) * cf / E)); topk only."""
+  layer = make_layer(router=router, k=k, capacity_factor=cf,
+                     capacity_scales_with_k=scales_with_k)
+  assert layer.capacity(8, deterministic=True) == expected
+
+
+def test_reference_cases_drop_and_prioritize_differently():
+  """The routing cases above drop tokens, and BPR keeps different tokens than sequence order."""
+  probs = random_probs(3, (2, 8, 4))
+  plain = ref_tokens_choose(probs, 1, 2)[3]
+  bpr = ref_tokens_choose(probs, 1, 2, prioritized=True)[3]
+  assert 0 < plain.sum() < plain.size and not np.array_equal(plain, bpr)
+  # BPR: the most confident token of each group always gets its first choice.
+  top = probs.max(-1).argmax(-1)
+  assert np.all(bpr[np.arange(2), top, 0])
+
+
+@pytest.mark.parametrize('shape', _ROUTER_SHAPES, ids=str)
+def test_ntlb_matches_reference(shape):
+  g, s, e = shape
+  for rounds, prioritized in itertools.product((0, 1, 2, 7), (False, True)):
+    probs = random_probs(7 + rounds, shape, scale=3.0)
+    assert min_gap(probs, prioritized) > 1e-4
+    for capacity in (1, 2, max(1, s // e)):
+      o = options('switch', ntlb_rounds=rounds, batch_prioritized=prioritized)
+      r = _route(jnp.asarray(probs), capacity, o)
+      ref = ref_ntlb(probs, capacity, rounds, prioritized=prioritized)
+      assert_routing_equal(r, ref, compare_dropped_expert=False)
+      # Tokens dropped after all rounds still name their top choice.
+      dropped = ~ref[3]
+      np.testing.assert_array_equal(np.asarray(r.expert_index_GxSxK)[dropped],
+                                    probs.argmax(-1)[..., None][dropped])
+
+
+def test_ntlb_reroutes_tokens():
+  """With rounds, fewer tokens are dropped, and at E-1 rounds none while room is left."""
+  probs = random_probs(0, (2, 8, 4), scale=3.0)
+  dropped = [(~ref_ntlb(probs, 2, r)[3]).sum() for r in range(4)]
+  assert dropped[0] > dropped[1] >= dropped[2] >= dropped[3] == 0      # 4 * 2 slots = 8 tokens
+  r = _route(jnp.asarray(probs), 2, options('switch', ntlb_rounds=3))
+  assert np.all(np.asarray(r.kept_GxSxK))
+
+
+@pytest.mark.parametrize('shape', _ROUTER_SHAPES, ids=str)
+def test_experts_choose_matches_reference(shape):
+  for capacity in (1, 2, 3, 100):
+    probs = random_probs(11 + capacity, shape)
+    assert min_gap(probs) > 1e-4
+    r = _route(jnp.asarray(probs), capacity, options('experts_choose'))
+    assert np.asarray(r.kept_GxSxK).shape == shape
+    assert_routing_equal(r, ref_experts_choose(probs, capacity))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Dispatch outputs == the per-expert reference, and equal to each other.
+
+
+def _experts(wi, wo):
+  def fn(x_ExGxCxD):
+    h = jax.nn.relu(jnp.einsum('egcd,edf->egcf', x_ExGxCxD, wi))
+    return jnp.einsum('egcf,efd->egcd', h, wo)
+  return fn
+
+
+def _experts_ragged(wi, wo):
+  def fn(rows_NxD, sizes_E):
+    h = jax.nn.relu(jax.lax.ragged_dot(rows_NxD, wi, sizes_E))
+    return jax.lax.ragged_dot(h, wo, sizes_E)
+  return fn
+
+
+@functools.partial(jax.jit, static_argnames=('capacity', 'big_capacity', 'o'))
+def _all_dispatches(x_GxSxD, wr, wi, wo, capacity, big_capacity, o):
+  e = wr.shape[1]
+  logits = x_GxSxD @ wr
+  probs = jax.nn.softmax(logits, -1)
+  r = routing.route(logits, probs, capacity, o, deterministic=True, rngs=None)
+  out = {'einsum': moe.einsum_dispatch(x_GxSxD, r, _experts(wi, wo), e, capacity),
+         'gather': moe.gather_dispatch(x_GxSxD, r, _experts(wi, wo), e, capacity)}
+  if o.router != 'experts_choose':
+    r_big = routing.route(logits, probs, big_capacity, o, deterministic=True, rngs=None)
+    out['einsum_big'] = moe.einsum_dispatch(x_GxSxD, r_big, _experts(wi, wo), e, big_capacity)
+    out['dropless'] = moe.dropless_dispatch(x_GxSxD, r_big, _experts_ragged(wi, wo), e)
+  return out
+
+
+# Latin square: each router sees every E and every capacity factor, and every (E, cf) pair
+# appears once; group sizes 4, 8 and 16 (one, two or four groups of the 16 tokens).
+_DISPATCH_GRID = [(router, e, (0.5, 1.0, 2.0)[(i + j) % 3], (4, 8, 16)[(i + 2 * j) % 3])
+                  for i, router in enumerate(('switch', 'topk', 'experts_choose'))
+                  for j, e in enumerate((2, 4, 8))]
+
+
+def _dispatch_case(router, e, cf, s, *, same_expert=None, seed=0):
+  rs = np.random.RandomState(seed)
+  w = {'router': 1.5 * rs.randn(D, e), 'wi': rs.randn(e, D, F) / 2, 'wo': rs.randn(e, F, D) / 3}
+  x = rs.randn(B, L, D)
+  if same_expert is not None:                   # every token's top (and 2nd) choice is fixed
+    x = np.abs(x) + 0.1
+    w['router'] = np.zeros((D, e))
+    w['router'][:, same_expert] = 2.0
+    w['router'][:, (same_expert + 1) % e] = 1.0
+  w = {k: v.astype(np.float32) for k, v in w.items()}
+  x = x.astype(np.float32)
+  k = 2 if router == 'topk' else 1
+  capacity = max(1, math.floor(s * cf / e))
+  return w, x, k, capacity
+
+
+def _check_dispatches(router, e, cf, s, same_expert=None, seed=0):
+  w, x, k, capacity = _dispatch_case(router, e, cf, s, same_expert=same_expert, seed=seed)
+  o = options(router, num_selected=k)
+  g = B * L // s
+  out = _all_dispatches(jnp.asarray(x.reshape(g, s, D)), *(jnp.asarray(w[n]) for n in
+                                                          ('router', 'wi', 'wo')),
+                        capacity, s * k, o)
+  out = {n: np.asarray(v).reshape(B, L, D) for n, v in out.items()}
+  y_ref, probs, ref_r = ref_moe(x, w, group_size=s, capacity=capacity, router=router, k=k)
+  if same_expert is None:
+    assert min_gap(probs) > 1e-4, 'near-tie: pick another seed'
+  np.testing.assert_allclose(out['einsum'], y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out['gather'], y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out['gather'], out['einsum'], rtol=1e-5, atol=1e-6)
+  if router != 'experts_choose':
+    y_big, _, big_r = ref_moe(x, w, group_size=s, capacity=s * k, router=router, k=k)
+    assert np.all(big_r[3])                                  # nothing dropped
+    for name in ('einsum_big', 'dropless'):
+      np.testing.assert_allclose(out[name], y_big, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(out['dropless'], out['einsum_big'], rtol=1e-5, atol=1e-6)
+  return ref_r
+
+
+@pytest.mark.parametrize('router,e,cf,s', _DISPATCH_GRID,
+                         ids=['{}-E{}-cf{}-S{}'.format(*c) for c in _DISPATCH_GRID])
+def test_dispatches_match_reference(router, e, cf, s):
+  _check_dispatches(router, e, cf, s, seed=e * 10 + int(4 * cf))
+
+
+def test_dispatch_grid_drops_tokens():
+  """The grid covers real drops (capacity bites) for every router."""
+  for router in ('switch', 'topk', 'experts_choose'):
+    drops = 0
+    for r_, e, cf, s in _DISPATCH_GRID:
+      if r_ == router:
+        w, x, k, capacity = _dispatch_case(r_, e, cf, s, seed=e * 10 + int(4 * cf))
+        kept = ref_moe(x, w, group_size=s, capacity=capacity, router=r_, k=k)[2][3]
+        drops += (kept.sum(-1) == 0).any()
+    assert drops >= 1, router
+
+
+@pytest.mark.parametrize('router,expert,cf', [('switch', 3, 0.5), ('topk', 0, 1.0),
+                                              ('experts_choose', 3, 0.5)])
+def test_dispatches_when_every_token_picks_one_expert(router, expert, cf):
+  ref_r = _check_dispatches(router, 4, cf, 8, same_expert=expert)
+  if router != 'experts_choose':
+    kept = ref_r[3]
+    capacity = max(1, math.floor(8 * cf / 4))
+    # Only the first `capacity` tokens of each group keep their first choice.
+    np.testing.assert_array_equal(kept[:, :, 0].sum(-1), capacity)
+    assert np.all(kept[:, :capacity, 0])
+
+
+def _grad_fn(layer, c):
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  @jax.jit
+  def grads(params, x):
+    def loss(params, x):
+      y, stats = nnx.merge(graphdef, params, rest)(x, deterministic=True, rngs=None)
+      return jnp.sum(y * c) + stats['load_balance'] + stats['z_loss']
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+  return lambda x: grads(params, x)
+
+
+def _flat_grads(g):
+  g_params, g_x = g
+  return {'router': np.asarray(g_params['router']['kernel'][...]),
+          'wi': np.asarray(g_params['experts']['wi'][...]),
+          'wo': np.asarray(g_params['experts']['wo'][...]), 'x': np.asarray(g_x)}
+
+
+@pytest.mark.parametrize('router,cf', [('switch', 0.5), ('experts_choose', 1.0)])
+def test_gradients_einsum_equal_gather(router, cf):
+  """Capacity bites here (tokens dropped); both dispatches give the same gradients."""
+  x = jnp.asarray(random_x(5))
+  c = jnp.asarray(random_x(6))
+  grads, dropped = {}, None
+  for dispatch in ('einsum', 'gather'):
+    layer = make_layer(router=router, capacity_factor=cf, dispatch=dispatch, alpha=0.1,
+                       beta=0.01, seed=4)
+    dropped = float(call(layer, x)[1]['dropped_fraction'])
+    grads[dispatch] = _flat_grads(_grad_fn(layer, c)(x))
+  assert dropped > 0.0
+  for name, ge in grads['einsum'].items():
+    assert np.all(np.isfinite(ge)) and np.any(ge != 0.0), name
+    np.testing.assert_allclose(grads['gather'][name], ge, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize('router', ['switch', 'topk'])
+def test_gradients_dropless_equal_einsum_without_drops(router):
+  """min_capacity = S * k: the capacity-bound dispatches drop nothing either."""
+  x = jnp.asarray(random_x(7))
+  c = jnp.asarray(random_x(8))
+  k = 2 if router == 'topk' else 1
+  dispatches = ('einsum', 'dropless', 'gather') if router == 'topk' else ('einsum', 'dropless')
+  grads, outs = {}, {}
+  for dispatch in dispatches:
+    layer = make_layer(router=router, dispatch=dispatch, min_capacity=8 * k, alpha=0.1,
+                       beta=0.01, seed=9)
+    y, stats = call(layer, x)
+    assert float(stats['dropped_fraction']) == 0.0
+    outs[dispatch] = np.asarray(y)
+    grads[dispatch] = _flat_grads(_grad_fn(layer, c)(x))
+  for dispatch in dispatches[1:]:
+    np.testing.assert_allclose(outs[dispatch], outs['einsum'], rtol=1e-5, atol=1e-6)
+    for name, ge in grads['einsum'].items():
+      assert np.any(ge != 0.0), name
+      np.testing.assert_allclose(grads[dispatch][name], ge, rtol=1e-5, atol=1e-6,
+                                 err_msg=f'{dispatch} {name}')
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Properties on small random shapes.
+
+_ROUTER_KINDS = ('switch', 'switch_ntlb', 'switch_bpr', 'topk', 'topk_bpr', 'experts_choose')
+
+
+@st.composite
+def routing_cases(draw):
+  kind = draw(st.sampled_from(_ROUTER_KINDS))
+  g, s = 2, 8
+  e = draw(st.sampled_from([3, 4]))
+  k = draw(st.integers(1, e)) if kind.startswith('topk') else 1
+  capacity = draw(st.sampled_from([0, 1, 2, 3, 8]))
+  seed = draw(st.integers(0, 2 ** 31 - 1))
+  return kind, (g, s, e), k, capacity, seed
+
+
+def _kind_options(kind, k):
+  if kind == 'switch_ntlb':
+    return options('switch', ntlb_rounds=2), dict(router='switch', ntlb=2)
+  if kind.endswith('_bpr'):
+    base = kind[:-4]
+    return (options(base, num_selected=k, batch_prioritized=True),
+            dict(router=base, k=k, prioritized=True))
+  return options(kind, num_selected=k), dict(router=kind, k=k)
+
+
+def _route_and_combine(probs, capacity, o):
+  r = _route(probs, capacity, o)
+  return r, moe.combine_tensor(r, probs.shape[-1], capacity)
+
+
+@settings(max_examples=25, deadline=None)
+@given(routing_cases())
+def test_routing_properties(case):
+  kind, shape, k, capacity, seed = case
+  g, s, e = shape
+  probs = random_probs(seed % 100000, shape)
+  o, ref_kw = _kind_options(kind, k)
+  r, combine = _route_and_combine(jnp.asarray(probs), capacity, o)
+  expert, gate = np.asarray(r.expert_index_GxSxK), np.asarray(r.gate_GxSxK)
+  position, kept = np.asarray(r.position_GxSxK), np.asarray(r.kept_GxSxK)
+  combine = np.asarray(combine)
+  assert combine.shape == (g, s, e, capacity)
+  expected = np.zeros((g, s, e, capacity))
+  for gi in range(g):
+    for j in range(e):
+      mine = kept[gi] & (expert[gi] == j)
+      assert mine.sum() <= capacity                                      # capacity respected
+      slots = position[gi][mine]
+      assert len(np.unique(slots)) == len(slots)                         # unique positions
+      assert np.all((0 <= slots) & (slots < capacity))
+  for gi, t, kk in zip(*np.nonzero(kept)):
+    expected[gi, t, expert[gi, t, kk], position[gi, t, kk]] += gate[gi, t, kk]
+  np.testing.assert_array_equal(combine, expected)                        # gates, zero elsewhere
+  assert np.all(gate[kept] > 0) and np.all(gate[~kept] == 0)
+  # Each token picks distinct experts.
+  assert all(len(set(row)) == len(row) for row in expert.reshape(-1, expert.shape[-1]))
+  if min_gap(probs, True) > 1e-6:
+    assert_routing_equal(r, ref_route(probs, capacity, **ref_kw),
+                         compare_dropped_expert=kind != 'switch_ntlb')
+
+
+_LAYER_KINDS = [('switch', 'einsum'), ('switch', 'gather'), ('switch', 'dropless'),
+                ('topk', 'einsum'), ('topk', 'gather'), ('topk', 'dropless'),
+                ('experts_choose', 'einsum'), ('experts_choose', 'gather')]
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_layer(router, dispatch, cf, seed=1):
+  return make_layer(router=router, dispatch=dispatch, capacity_factor=cf, seed=seed,
+                    min_capacity=0, alpha=0.5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(_LAYER_KINDS), st.integers(0, 10 ** 6))
+def test_dropped_tokens_give_zero_output(kind, seed):
+  router, dispatch = kind
+  layer = _cached_layer(router, dispatch, 0.5)
+  x = random_x(seed)
+  y, stats = call(layer, jnp.asarray(x))
+  s = 8
+  capacity = layer.capacity(s, True)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(x.reshape(-1, s, D)) @ layer.router.kernel[...]))
+  kept = np.asarray(_route(jnp.asarray(probs), capacity, layer.options).kept_GxSxK)
+  routed_to = kept.sum(-1).reshape(B, L)
+  y = np.asarray(y)
+  assert np.all(y[routed_to == 0] == 0.0)
+  assert float(stats['dropped_fraction']) == pytest.approx(np.mean(routed_to == 0))
+  if dispatch == 'dropless':
+    assert np.all(routed_to >= 1)
+
+
+def _check_uniform_load_balance(router, e, seed, alpha=0.25):
+  layer = make_layer(router=router, num_experts=e, alpha=alpha)
+  layer.router.kernel.set_value(jnp.zeros((D, e), jnp.float32))
+  _, stats = call(layer, jnp.asarray(random_x(seed)))
+  assert float(stats['load_balance']) == np.float32(alpha)
+  assert float(stats['confidence']) == pytest.approx(1.0 / e)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(['switch', 'topk', 'experts_choose']), st.integers(0, 10 ** 6))
+def test_load_balance_is_alpha_under_uniform_routing(router, seed):
+  """Zero router kernel: all probabilities 1/E, so E * sum_i f_i P_i = sum_i f_i = 1."""
+  _check_uniform_load_balance(router, 4, seed)
+
+
+@pytest.mark.parametrize('e', [2, 8])
+def test_load_balance_is_alpha_under_uniform_routing_other_e(e):
+  _check_uniform_load_balance('switch', e, e)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(0.1, 5.0), st.permutations(range(8)), st.permutations(range(8)))
+def test_load_balance_is_alpha_under_balanced_assignment(scale, order0, order1):
+  """Each token's input is scale * one-hot(expert), 2 tokens per expert and group: f_i = 1/4
+  and, by symmetry, P_i = 1/4, so E * sum_i f_i P_i = 1."""
+  e, alpha = 4, 0.25
+  layer = make_layer(num_experts=e, alpha=alpha)
+  layer.router.kernel.set_value(jnp.eye(D, e, dtype=jnp.float32))
+  onehot = np.eye(e)[np.arange(8) % e]
+  x = scale * np.stack([onehot[np.asarray(order0)], onehot[np.asarray(order1)]])
+  _, stats = call(layer, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(stats['expert_fraction_E']), 1.0 / e)
+  assert float(stats['load_balance']) == pytest.approx(alpha, rel=1e-6)
+
+
+_PERMUTATION_KINDS = [('switch', 'einsum'), ('switch', 'dropless'), ('topk', 'gather'),
+                      ('topk', 'dropless'), ('experts_choose', 'einsum')]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(_PERMUTATION_KINDS), st.permutations(range(4)),
+       st.integers(0, 10 ** 6))
+def test_expert_permutation(kind, perm, seed):
+  router, dispatch = kind
+  perm = np.asarray(perm)
+  # min_capacity = S * k: no drops anywhere (experts_choose: every expert takes every token).
+  layer = make_layer(router=router, dispatch=dispatch, min_capacity=16, alpha=0.1, beta=0.01,
+                     seed=seed)
+  x = jnp.asarray(random_x(seed + 1))
+  y, stats = call(layer, x)
+  w = weights(layer)
+  set_weights(layer, {'router': w['router'][:, perm], 'wi': w['wi'][perm], 'wo': w['wo'][perm]})
+  y_p, stats_p = call(layer, x)
+  np.testing.assert_allclose(np.asarray(y_p), np.asarray(y), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(stats_p['expert_fraction_E']),
+                                np.asarray(stats['expert_fraction_E'])[perm])
+  for name in ('load_balance', 'z_loss', 'dropped_fraction', 'routed_to_1', 'confidence',
+               'load_cv'):
+    np.testing.assert_allclose(np.asarray(stats_p[name]), np.asarray(stats[name]),
+                               rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Exploration and randomness.
+
+
+def _route_rng(logits, capacity, o, deterministic, seed):
+  rngs = nnx.Rngs(**{n: jax.random.fold_in(jax.random.key(seed), i)
+                     for i, n in enumerate(routing.RNG_STREAMS)})
+  return routing.route(logits, jax.nn.softmax(logits, -1), capacity, o,
+                       deterministic=deterministic, rngs=rngs)
+
+
+def test_sample_softmax_routing_samples_in_training_only():
+  g, s, e = 4, 1024, 4
+  logits = jnp.asarray(0.7 * np.random.RandomState(0).randn(g, s, e), jnp.float32)
+  o = options('switch', exploration='sample_softmax')
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  ev = np.asarray(_route_rng(logits, s, o, True, 0).expert_index_GxSxK[..., 0])
+  np.testing.assert_array_equal(ev, argmax)
+  tr = _route_rng(logits, s, o, False, 0)
+  chosen = np.asarray(tr.expert_index_GxSxK[..., 0])
+  assert np.mean(chosen != argmax) > 0.2
+  # Sampled from the softmax: empirical frequency of each expert per group matches probs.
+  p = np.asarray(jax.nn.softmax(logits, -1))
+  freq = np.stack([np.mean(chosen == j, axis=1) for j in range(e)], -1)
+  np.testing.assert_allclose(freq, p.mean(1), atol=0.06)
+  # Gate is the probability of the sampled expert.
+  np.testing.assert_allclose(np.asarray(tr.gate_GxSxK[..., 0]),
+                             np.take_along_axis(p, chosen[..., None], -1)[..., 0], rtol=1e-6)
+  # A different seed samples differently.
+  other = np.asarray(_route_rng(logits, s, o, False, 1).expert_index_GxSxK[..., 0])
+  assert not np.array_equal(other, chosen)
+
+
+@pytest.mark.parametrize('exploration,kw', [('sample_softmax', {}),
+                                            ('input_dropout', {'input_dropout': 0.5})])
+def test_exploration_layer_train_vs_eval(exploration, kw):
+  x = jnp.asarray(random_x(12))
+  common = dict(num_experts=4, capacity_factor=4.0, seed=3, router_std=0.5)
+  plain = make_layer(**common, **kw)
+  explore = make_layer(**common, exploration=exploration, **kw)
+  y_eval, _ = call(plain, x, True, None)
+  np.testing.assert_array_equal(np.asarray(call(explore, x, True, None)[0]), np.asarray(y_eval))
+  np.testing.assert_array_equal(np.asarray(call(explore, x, True, ALL_STREAMS())[0]),
+                                np.asarray(y_eval))
+  # argmax layers ignore rngs in training (router_input_dropout only acts when exploring).
+  np.testing.assert_array_equal(np.asarray(call(plain, x, False, ALL_STREAMS())[0]),
+                                np.asarray(y_eval))
+  y_train = np.asarray(call(explore, x, False, ALL_STREAMS())[0])
+  assert not np.array_equal(y_train, np.asarray(y_eval))
+  assert not np.array_equal(y_train, np.asarray(call(explore, x, False, ALL_STREAMS(7))[0]))
+  # In training the chosen expert moves for some tokens, not just the gate.
+  if exploration == 'input_dropout':
+    xs = x.reshape(2, 8, D)
+    logits_eval, _ = explore.router(xs, deterministic=True, rngs=None)
+    logits_train, _ = explore.router(xs, deterministic=False, rngs=ALL_STREAMS())
+    assert np.any(np.argmax(logits_eval, -1) != np.argmax(logits_train, -1))
+
+
+@pytest.mark.parametrize('renormalize', [True, False])
+def test_random_second_policy(renormalize):
+  g, s, e, thr = 4, 1024, 4, 0.3
+  logits = jnp.asarray(1.0 * np.random.RandomState(1).randn(g, s, e), jnp.float32)
+  o = options('topk', num_selected=2, second_policy='random', second_threshold=thr,
+              renormalize_gates=renormalize)
+  p = np.sort(np.asarray(jax.nn.softmax(logits, -1)), -1)[..., ::-1]
+  g2 = p[..., 1] / (p[..., 0] + p[..., 1]) if renormalize else p[..., 1]
+  keep_p = np.minimum(1.0, g2 / thr)
+  assert 0.2 < keep_p.mean() < 0.9
+  ev = _route_rng(logits, 2 * s, o, True, 0)
+  assert np.all(np.asarray(ev.kept_GxSxK))                           # eval: policy 'all'
+  tr = _route_rng(logits, 2 * s, o, False, 0)
+  kept = np.asarray(tr.kept_GxSxK)
+  assert np.all(kept[..., 0])
+  n = keep_p.size
+  tol = 4 * math.sqrt(np.sum(keep_p * (1 - keep_p))) / n
+  assert abs(kept[..., 1].mean() - keep_p.mean()) < tol
+  # Choices with min(1, g2 / thr) = 1 are always kept.
+  assert np.all(kept[..., 1][keep_p >= 1.0])
+  # Dropped second choices have gate 0; kept ones keep their gate.
+  gate2 = np.asarray(tr.gate_GxSxK)[..., 1]
+  assert np.all(gate2[~kept[..., 1]] == 0)
+  np.testing.assert_allclose(gate2[kept[..., 1]], g2[kept[..., 1]], rtol=1e-5)
+
+
+def test_missing_stream_raises():
+  logits = jnp.asarray(np.random.RandomState(0).randn(1, 8, 4), jnp.float32)
+  probs = jax.nn.softmax(logits, -1)
+  for o in (options('switch', exploration='sample_softmax'),
+            options('topk', second_policy='random')):
+    with pytest.raises(ValueError):
+      routing.route(logits, probs, 4, o, deterministic=False, rngs=None)
+    routing.route(logits, probs, 4, o, deterministic=True, rngs=None)      # eval needs none
+  x = jnp.asarray(random_x(0))
+  for kw in ({'exploration': 'sample_softmax'},
+             {'exploration': 'input_dropout', 'input_dropout': 0.3},
+             {'jitter': 0.1},
+             {'router': 'topk', 'second_policy': 'random'}):
+    layer = make_layer(**kw)
+    with pytest.raises(ValueError):
+      layer(x, deterministic=False, rngs=None)
+    layer(x, deterministic=True, rngs=None)
+    layer(x, deterministic=False, rngs=ALL_STREAMS())
+
+
+def test_missing_named_stream_raises_value_error():
+  """Rngs that lack the one stream a policy needs: a ValueError naming the stream."""
+  logits = jnp.asarray(np.random.RandomState(0).randn(1, 8, 4), jnp.float32)
+  probs = jax.nn.softmax(logits, -1)
+  without = lambda name: nnx.Rngs(**{n: 0 for n in routing.RNG_STREAMS if n != name})
+  for o, stream in ((options('switch', exploration='sample_softmax'), 'router_sample'),
+                    (options('topk', second_policy='random'), 'second_expert')):
+    with pytest.raises(ValueError, match=stream):
+      routing.route(logits, probs, 4, o, deterministic=False, rngs=without(stream))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. experts_choose diagnostics.
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([0.25, 0.5, 1.0, 2.0]), st.integers(0, 10 ** 6))
+def test_experts_choose_diagnostics(cf, seed):
+  e = 4
+  layer = make_layer(router='experts_choose', num_experts=e, capacity_factor=cf, seed=seed % 7)
+  x = random_x(seed)
+  y, stats = call(layer, jnp.asarray(x))
+  capacity = layer.capacity(8, True)
+  _, probs, ref_r = ref_moe(x, weights(layer), group_size=8, capacity=capacity,
+                            router='experts_choose')
+  if min_gap(probs) < 1e-4:
+    return
+  counts = ref_r[3].sum(-1)
+  r0, r1, r2 = (float(stats[n]) for n in ('dropped_fraction', 'routed_to_1', 'routed_to_2plus'))
+  assert r0 + r1 + r2 == pytest.approx(1.0)
+  assert r0 == pytest.approx(np.mean(counts == 0))
+  assert r1 == pytest.approx(np.mean(counts == 1))
+  assert r2 == pytest.approx(np.mean(counts >= 2))
+  assert np.all(np.asarray(y).reshape(-1, D)[counts.reshape(-1) == 0] == 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The training loop passes every routing stream.
+
+
+def _one_step(c, baseline_config=None):
+  """One train_step from a fresh init; returns its loss, and optionally the loss of the same
+  step (same params, batch and streams) for the model of ``baseline_config``."""
+  from switchmoe import sharding, train
+  from switchmoe.model import LanguageModel, loss_and_metrics
+  from tests.helpers import random_batch
+  s = train.make_setup(c, jax.devices()[:1])
+  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
+    state = s.init(jax.random.key(0))
+    batch = train.device_batch(s, random_batch(c))
+    baseline = None
+    if baseline_config is not None:
+      graphdef = nnx.graphdef(nnx.eval_shape(
+          lambda: LanguageModel(baseline_config.model, rngs=nnx.Rngs(0))))
+
+      @jax.jit
+      def base_loss(params, batch):
+        rngs = nnx.Rngs(**{n: i for i, n in enumerate(('dropout',) + routing.RNG_STREAMS)})
+        return loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=False,
+                                rngs=rngs)[0]
+      baseline = float(base_loss(state['params'], batch))
+    _, metrics = s.train_step(state, batch)
+  loss = float(metrics['loss'])
+  assert np.isfinite(loss)
+  return loss, baseline
+
+
+def _train_config(**moe_kw):
+  from tests.helpers import tiny_config
+  c = tiny_config('decoder', **moe_kw)
+  c.model.num_layers = 1           # one (Switch) layer keeps compilation short
+  c.model.init_scale = 1.0         # router logits large enough for 1% jitter to show in the loss
+  return c
+
+
+def test_train_step_with_sample_softmax():
+  loss, _ = _one_step(_train_config(exploration='sample_softmax'))
+  assert loss > 0
+
+
+def test_train_step_applies_jitter():
+  """jitter=0.01 changes the step's loss compared with jitter=0.0 at the same params."""
+  loss, without = _one_step(_train_config(jitter=0.01), _train_config(jitter=0.0))
+  assert loss != without
+  assert abs(loss - without) < 0.05 * abs(without)
