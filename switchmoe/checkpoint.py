@@ -14,14 +14,19 @@ inference and fine-tuning; `load_params` reads params from either kind of folder
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+
+from switchmoe.config import default_config, unknown_field_message
 
 
 class Checkpointer:
@@ -102,14 +107,35 @@ def find_params(path: str) -> tuple[str, tuple[str, ...]]:
                    'state/ or params/ inside)')
 
 
-def find_config(path: str) -> dict:
-  """The config a run folder, checkpoint step or export was trained with."""
+def find_config(path: str) -> ml_collections.ConfigDict:
+  """The config a run folder, checkpoint step or export was trained with, on top of
+  `default_config()` (JSON turned its tuples into lists; this turns them back)."""
   folder, prefix = find_params(path)
   if prefix:  # a step folder: <step>/config is the run's config at that step
-    with open(os.path.join(os.path.dirname(folder), 'config', 'metadata')) as f:
-      return json.load(f)
-  with open(os.path.join(os.path.dirname(folder), 'config.json')) as f:
-    return json.load(f)
+    source = os.path.join(os.path.dirname(folder), 'config', 'metadata')
+  else:
+    source = os.path.join(os.path.dirname(folder), 'config.json')
+  with open(source) as f:
+    stored = json.load(f)
+  config = default_config()
+  _update(config, stored, '')
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, stored: dict, prefix: str) -> None:
+  for key, value in stored.items():
+    if key not in config:
+      raise ValueError(unknown_field_message(prefix + key, value, config.keys()))
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _update(config[key], value, f'{prefix}{key}.')
+    elif isinstance(config[key], tuple):
+      config[key] = _tuples(value)
+    else:
+      config[key] = value
+
+
+def _tuples(value):
+  return tuple(map(_tuples, value)) if isinstance(value, list) else value
 
 
 def path_name(path) -> str:
@@ -127,7 +153,7 @@ def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda n
   export) are cast to the target's.
   """
   folder, prefix = find_params(path)
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with ocp.PyTreeCheckpointer() as checkpointer, _quiet_absl():
     stored = checkpointer.metadata(folder).item_metadata.tree
   for key in prefix:
     stored = stored[key]
@@ -145,7 +171,7 @@ def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda n
     subset = {key: subset}
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), subset)
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with ocp.PyTreeCheckpointer() as checkpointer, _quiet_absl():
     restored = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(
         item=subset, restore_args=restore_args, partial_restore=True))
   for key in prefix:
@@ -153,6 +179,19 @@ def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda n
   loaded = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
   merged = [loaded.get(path_name(p), x) for p, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, merged), sorted(loaded)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax warns that an item folder (``<step>/state``) lacks the metadata file that only the
+  step folder has; reading one item alone is what we mean to do."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _unflatten(flat: dict[str, Any]) -> dict:

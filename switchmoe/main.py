@@ -9,6 +9,8 @@ is compiled or written.
 
 from __future__ import annotations
 
+import ast
+import functools
 import re
 import sys
 
@@ -44,6 +46,30 @@ def unknown_override(argv: list[str]) -> str | None:
         return config_lib.unknown_field_message(where, match.group(2), known)
       node = node[key]
   return None
+
+
+def apply_overrides(config, args: list[str]) -> None:
+  """``--config.a.b=value`` arguments (Python literals, else strings) for the scripts that
+  take their config from a checkpoint; ValueError names an unknown field."""
+  for arg in args:
+    match = re.match(r'--config\.([\w.]+)=(.*)$', arg)
+    if not match:
+      raise ValueError(f'{arg}: expected --config.<field>=<value>')
+    message = unknown_override([arg])
+    if message:
+      raise ValueError(message)
+    *parents, leaf = match.group(1).split('.')
+    node = functools.reduce(lambda c, key: c[key], parents, config)
+    try:
+      value = ast.literal_eval(match.group(2))
+    except (ValueError, SyntaxError):
+      value = match.group(2)
+    if isinstance(node[leaf], float) and isinstance(value, int):
+      value = float(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f'{match.group(1)}={value!r}: {e}') from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -141,6 +141,13 @@ def make_setup(config: ml_collections.ConfigDict,
       eval_step=jax.jit(eval_step))
 
 
+@contextlib.contextmanager
+def mesh_context(s: Setup):
+  """The mesh and sharding rules to run ``s``'s functions and restore checkpoints under."""
+  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
+    yield
+
+
 def device_batch(s: Setup, local_batch: dict) -> dict:
   """Assembles each process's NumPy batch into global arrays sharded on the batch axes."""
   return {k: jax.make_array_from_process_local_data(s.batch_sharding, np.asarray(v))
@@ -358,8 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, keep_period=t.keep_period)
     stack.callback(checkpointer.close)
     signals = stack.enter_context(StopSignals())
-    stack.enter_context(jax.set_mesh(s.mesh))
-    stack.enter_context(sharding.use_rules(s.rules))
+    stack.enter_context(mesh_context(s))
     state, start = restore_or_init(s, checkpointer, data_iter, lead)
     writer = MetricWriter(workdir, start=start, enabled=lead)
     stack.callback(writer.close)

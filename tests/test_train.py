@@ -1,81 +1,107 @@
-"""End-to-end training: the loss falls, resuming repeats a straight run, the CLI works."""
+"""End-to-end training: the loss falls, outputs and metrics are complete, a stopped and
+resumed run repeats a straight run bit for bit, the CLI works, plots are drawn."""
 
-import json
+import glob
 import os
-import subprocess
-import sys
+import signal
 
 import numpy as np
 import pytest
 
 from switchmoe import train
-from tests.helpers import tiny_config
+from tests.train_helpers import (assert_same_metrics, checkpoint_steps, cli_args,
+                                 compile_cache, load_script, patch_batches, read_metrics,
+                                 run_cli, run_config)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_config(data_dir, num_steps, **train_fields):
-  c = tiny_config()
-  c.data.data_dir = data_dir
-  c.optim.learning_rate = 3e-3
-  c.train.update(num_steps=num_steps, log_every=5, eval_every=10, eval_batches=2,
-                 checkpoint_every=10, **train_fields)
-  return c
+plot = load_script('plot')
 
 
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r for r in map(json.loads, f)}
-
-
-def test_training_lowers_loss_and_writes_outputs(data_dir, corpus, tmp_path):
+def test_training_lowers_loss_and_writes_outputs(data_dir, corpus, compile_cache, tmp_path,
+                                                 capsys):
   workdir = str(tmp_path / 'run')
-  records = train.train(run_config(data_dir, 40), workdir)
+  records = train.train(run_config(data_dir, 40, profile_steps=2), workdir)
   first, last = records[0], records[-1]
   assert last['train/ce'] < first['train/ce'] - 0.5
   assert last['eval/ce'] < records[1]['eval/ce']
   for key in ('train/loss', 'train/ce', 'train/load_balance', 'train/z_loss',
-              'train/dropped_fraction', 'perf/tokens_per_sec', 'perf/step_time', 'eval/ce',
-              'eval/accuracy', 'moe/encoder/layer_0/expert_fraction_E'):
+              'train/dropped_fraction', 'train/accuracy', 'train/grad_norm',
+              'train/param_norm', 'train/update_norm', 'train/learning_rate',
+              'train/skipped_steps', 'perf/tokens_per_sec', 'perf/step_time',
+              'perf/model_tflops_per_device', 'eval/ce', 'eval/accuracy',
+              'moe/encoder/layer_0/expert_fraction_E', 'moe/decoder/layer_1/confidence'):
     assert key in last, key
+  assert 'perf/mfu' not in last  # a CPU has no peak to compare with
+  assert last['train/skipped_steps'] == 0
   np.testing.assert_allclose(
       last['train/loss'], last['train/ce'] + last['train/load_balance'] + last['train/z_loss'],
       rtol=1e-5)
   assert read_metrics(workdir)[40]['train/loss'] == last['train/loss']
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30', '40']
+  assert checkpoint_steps(workdir) == [20, 30, 40]
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+  assert glob.glob(os.path.join(workdir, 'profile', '**', '*.xplane.pb'), recursive=True)
+  out = capsys.readouterr().out
+  assert '[####################] step 40/40' in out and 'ETA 0:00:00' in out
+  assert 'Profiled steps 2-3' in out
+
+  png = str(tmp_path / 'curves.png')
+  assert plot.main([workdir, workdir + '/', '--out', png]) == 0
+  assert os.path.getsize(png) > 10_000
 
 
-def test_resume_repeats_the_straight_run(data_dir, corpus, tmp_path):
+def stop_at(step):
+  """A batch edit that sends this process SIGTERM while batch ``step`` is read."""
+  def edit(current, batch):
+    if current == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+  return edit
+
+
+def test_stopped_and_resumed_run_repeats_the_straight_run(data_dir, corpus, compile_cache,
+                                                          tmp_path, monkeypatch, capsys):
   straight = str(tmp_path / 'straight')
   train.train(run_config(data_dir, 20), straight)
+
   resumed = str(tmp_path / 'resumed')
-  train.train(run_config(data_dir, 10), resumed)
-  train.train(run_config(data_dir, 20), resumed)  # same workdir: resumes at step 10
+  with monkeypatch.context() as patch:
+    patch_batches(patch, stop_at(13))  # preempted between checkpoints
+    train.train(run_config(data_dir, 20), resumed)
+  assert 'Stopped by SIGTERM after step 13' in capsys.readouterr().out
+  assert checkpoint_steps(resumed) == [10, 13]
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is put back
+
+  train.train(run_config(data_dir, 20), resumed)  # same call: resumes at step 13
+  assert 'Resumed from' in capsys.readouterr().out
   a, b = read_metrics(straight), read_metrics(resumed)
-  for step in (15, 20):
-    for key in ('train/loss', 'train/ce', 'train/grad_norm', 'eval/ce'):
-      if key in a[step]:
-        np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-6, err_msg=key)
+  assert sorted(b) == sorted(a) == [5, 10, 15, 20]
+  assert_same_metrics(a, b, [5, 10, 15, 20])
 
 
-def test_cli_trains_and_rejects_bad_config(data_dir, corpus, tmp_path):
+def test_cli_trains_and_rejects_bad_config(data_dir, corpus, compile_cache, tmp_path):
   workdir = str(tmp_path / 'cli')
-  overrides = ['--config.model.d_model=32', '--config.model.num_layers=1',
-               '--config.model.d_ff=64', '--config.train.num_steps=2',
-               '--config.train.batch_size=8', f'--config.data.data_dir={data_dir}']
-  cmd = [sys.executable, 'scripts/train.py', '--config=configs/switch_tiny.py',
-         f'--workdir={workdir}']
-  done = subprocess.run(cmd + overrides, cwd=REPO, capture_output=True, text=True, timeout=300)
+  done = run_cli(cli_args(workdir, data_dir, 2), compile_cache)
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'step 2/2' in done.stdout
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2'))
+  assert checkpoint_steps(workdir) == [2]
   assert read_metrics(workdir)[2]['train/ce'] > 0
 
-  bad = subprocess.run(cmd[:-1] + [f'--workdir={tmp_path / "bad"}',
-                                   '--config.model.moe.capacity_factor=0'],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  bad = run_cli(cli_args(tmp_path / 'bad', data_dir, 2,
+                         '--config.model.moe.capacity_factor=0'), compile_cache)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1] == (
       'error: model.moe.capacity_factor=0.0: must be > 0')
+  assert not os.path.exists(tmp_path / 'bad')
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.train.num_stepz=3', "error: train.num_stepz='3': unknown field (did you mean "
+                                   'num_steps?); allowed: batch_size, checkpoint_every'),
+    ('--config.train.batch_size=eight', 'error: config.train.batch_size=eight: invalid '
+                                        'literal for int()'),
+])
+def test_cli_rejects_unknown_fields_and_bad_values(data_dir, compile_cache, tmp_path,
+                                                   override, message):
+  bad = run_cli(cli_args(tmp_path / 'bad', data_dir, 2, override), compile_cache)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().startswith(message), bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1
   assert not os.path.exists(tmp_path / 'bad')
