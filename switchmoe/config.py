@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)       # -1: all remaining devices
   c.mesh.axes = ('data', 'expert')
+  c.mesh.expert_parallel = 'gspmd'  # 'gspmd' (constraints) | 'shard_map' (explicit all_to_all)
   c.mesh.rules = ()            # overrides of sharding.DEFAULT_RULES: (('embed', 'fsdp'), ...)
   return c
 
@@ -303,6 +304,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ('model.moe.expert_dropout', e.expert_dropout)):
     if not 0.0 <= rate < 1.0:
       raise ValueError(f'{name}={rate}: must be in [0, 1)')
+  _choice('mesh.expert_parallel', c.mesh.expert_parallel, ('gspmd', 'shard_map'))
   if len(tuple(c.mesh.shape)) != len(tuple(c.mesh.axes)):
     raise ValueError(f'mesh.shape {tuple(c.mesh.shape)} and mesh.axes {tuple(c.mesh.axes)} '
                      'differ in length')

@@ -31,12 +31,18 @@ def init_param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str 
                    logical_axes=tuple(logical_axes))
 
 
+def draw_key(rngs: nnx.Rngs | None, stream: str, why: str) -> jax.Array:
+  """A key from ``rngs.<stream>``, or a one-line error naming the missing stream."""
+  try:
+    return getattr(rngs, stream)()
+  except AttributeError:
+    raise ValueError(f'{why} in training mode needs rngs with the "{stream}" stream') from None
+
+
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
   if deterministic or rate == 0.0:
     return x
-  if rngs is None:
-    raise ValueError('dropout in training mode needs rngs with a "dropout" stream')
-  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  keep = jax.random.bernoulli(draw_key(rngs, 'dropout', 'dropout'), 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 

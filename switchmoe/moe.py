@@ -13,11 +13,14 @@ C capacity, K choices per token, N = G*S*K (token, choice) pairs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from switchmoe import routing
+from switchmoe import routing, sharding
 from switchmoe.layers import FeedForward
 from switchmoe.sharding import constrain
 
@@ -84,6 +87,49 @@ def dropless_dispatch(x_GxSxD, r: routing.Routing, experts_ragged, num_experts: 
   y_NxD = jnp.zeros_like(y_sorted_NxD).at[order_N].set(y_sorted_NxD)
   y_GxSxKxD = y_NxD.reshape(g, s, k, d)
   return jnp.einsum('gskd,gsk->gsd', y_GxSxKxD, r.gate_GxSxK.astype(y_GxSxKxD.dtype))
+
+
+def all_to_all_experts(run, experts: FeedForward, key: jax.Array | None,
+                       x_ExGxCxD: jax.Array) -> jax.Array:
+  """Expert parallelism by hand: ``run(experts, x, rngs)`` inside `jax.shard_map`, manual over
+  the ``expert`` mesh axis (other axes stay automatic).
+
+  Buffers arrive with groups split over ``expert``; an all-to-all regroups them so each device
+  holds all groups for its own experts, and a second one sends results back. With fewer
+  experts than devices on the axis (E < n, n % E == 0), each expert is replicated n / E times
+  and its capacity slots are split between the replicas.
+  """
+  n = sharding.manual_expert_axis()
+  e, g, c, d = x_ExGxCxD.shape
+  graphdef, state = nnx.split(experts)
+  replicas = 1
+  if e % n:
+    if n % e or c % (n // e):
+      raise ValueError(f'model.moe.num_experts={e} on an expert mesh axis of {n}: one must '
+                       f'divide the other, and with fewer experts the capacity ({c}) must '
+                       f'divide by {n}/{e}')
+    replicas = n // e
+    x_ExGxCxD = jnp.swapaxes(x_ExGxCxD.reshape(e, g, replicas, c // replicas, d), 1, 2
+                             ).reshape(e * replicas, g, c // replicas, d)
+    state = jax.tree.map(lambda w: jnp.repeat(w, replicas, axis=0), state)
+  if g % n:
+    raise ValueError(f'{g} routing groups cannot be split over the expert mesh axis of {n}: '
+                     'lower model.moe.group_size or raise train.batch_size')
+
+  def local(state, x_ExGxCxD, key):
+    # [E, G/n, C, D] -> [E/n, G, C, D]: this device's experts, every device's groups.
+    x = jax.lax.all_to_all(x_ExGxCxD, 'expert', 0, 1, tiled=True)
+    rngs = None
+    if key is not None:
+      rngs = nnx.Rngs(dropout=jax.random.fold_in(key, jax.lax.axis_index('expert')))
+    y = run(nnx.merge(graphdef, state), x, rngs)
+    return jax.lax.all_to_all(y, 'expert', 1, 0, tiled=True)
+
+  y = jax.shard_map(local, in_specs=(P('expert'), P(None, 'expert'), P()),
+                    out_specs=P(None, 'expert'), axis_names={'expert'})(state, x_ExGxCxD, key)
+  if replicas > 1:
+    y = jnp.swapaxes(y.reshape(e, replicas, g, c // replicas, d), 1, 2).reshape(e, g, c, d)
+  return y
 
 
 def routing_groups(num_tokens: int, group_size: int) -> tuple[int, int]:
@@ -172,11 +218,19 @@ class MoeLayer(nnx.Module):
                                                    rngs=rngs, group_sizes_E=sizes_E)
       y_GxSxD = dropless_dispatch(x_GxSxD, r, ragged, e)
     else:
-      buffered = lambda x_ExGxCxD: self.experts(
-          x_ExGxCxD.reshape(e, -1, d), deterministic=deterministic,
-          rngs=rngs).reshape(x_ExGxCxD.shape)
+      def buffered(experts, x_ExGxCxD, rngs):
+        return experts(x_ExGxCxD.reshape(x_ExGxCxD.shape[0], -1, d),
+                       deterministic=deterministic, rngs=rngs).reshape(x_ExGxCxD.shape)
+
+      if sharding.manual_expert_axis():
+        key = None
+        if self.experts.dropout_rate > 0 and not deterministic:
+          key = rngs.dropout()
+        run = functools.partial(all_to_all_experts, buffered, self.experts, key)
+      else:
+        run = functools.partial(buffered, self.experts, rngs=rngs)
       dispatch = einsum_dispatch if self.dispatch == 'einsum' else gather_dispatch
-      y_GxSxD = dispatch(x_GxSxD, r, buffered, e, capacity)
+      y_GxSxD = dispatch(x_GxSxD, r, run, e, capacity)
     y_GxSxD = constrain(y_GxSxD.astype(self.dtype), ('batch', None, 'embed'))
 
     losses = {

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from switchmoe.layers import init_param
+from switchmoe.layers import draw_key, init_param
 
 ROUTERS = ('switch', 'topk', 'experts_choose')
 EXPLORATION = ('argmax', 'sample_softmax', 'input_dropout', 'input_jitter')
@@ -144,15 +144,12 @@ class Router(nnx.Module):
                ) -> tuple[jax.Array, jax.Array]:
     """Returns (logits_GxSxE, probs_GxSxE), both in the router dtype."""
     x = x_GxSxD.astype(self.dtype)
-    noisy = not deterministic and (self.jitter > 0.0 or self.input_dropout > 0.0)
-    if noisy and rngs is None:
-      raise ValueError('router jitter / input dropout in training mode needs rngs with the '
-                       f'streams {RNG_STREAMS}')
-    if noisy and self.jitter > 0.0:
-      x = x * jax.random.uniform(rngs.jitter(), x.shape, self.dtype,
-                                 1.0 - self.jitter, 1.0 + self.jitter)
-    if noisy and self.input_dropout > 0.0:
-      keep = jax.random.bernoulli(rngs.router_dropout(), 1.0 - self.input_dropout, x.shape)
+    if not deterministic and self.jitter > 0.0:
+      x = x * jax.random.uniform(draw_key(rngs, 'jitter', 'router jitter'), x.shape,
+                                 self.dtype, 1.0 - self.jitter, 1.0 + self.jitter)
+    if not deterministic and self.input_dropout > 0.0:
+      key = draw_key(rngs, 'router_dropout', 'router input dropout')
+      keep = jax.random.bernoulli(key, 1.0 - self.input_dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.input_dropout), 0.0).astype(self.dtype)
     logits_GxSxE = jnp.einsum('gsd,de->gse', x, self.kernel[...].astype(self.dtype))
     return logits_GxSxE, jax.nn.softmax(logits_GxSxE, axis=-1)
@@ -241,15 +238,13 @@ def route(logits_GxSxE: jax.Array, probs_GxSxE: jax.Array, capacity: int,
   if o.router == 'topk':
     rng = None
     if o.second_policy == 'random' and not deterministic:
-      rng = rngs.second_expert() if rngs is not None else None
+      rng = draw_key(rngs, 'second_expert', 'model.moe.second_policy="random"')
     return top_k(probs_GxSxE, capacity, o.num_selected, renormalize=o.renormalize_gates,
                  second_policy=o.second_policy if not deterministic else 'all',
                  second_threshold=o.second_threshold, rng=rng, priority_GxS=priority)
   sampled = None
   if o.exploration == 'sample_softmax' and not deterministic:
-    if rngs is None:
-      raise ValueError('model.moe.exploration="sample_softmax" needs the "router_sample" '
-                       'rng stream')
-    sampled = jax.random.categorical(rngs.router_sample(), logits_GxSxE, axis=-1)
+    key = draw_key(rngs, 'router_sample', 'model.moe.exploration="sample_softmax"')
+    sampled = jax.random.categorical(key, logits_GxSxE, axis=-1)
   return switch_top1(probs_GxSxE, capacity, priority_GxS=priority, ntlb_rounds=o.ntlb_rounds,
                      expert_index_GxS=sampled)

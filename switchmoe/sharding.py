@@ -41,8 +41,12 @@ DEFAULT_RULES: Rules = (
     ('length', ()),
 )
 
+EXPERT_PARALLEL = ('gspmd', 'shard_map')
+
 _RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar('switchmoe_rules',
                                                               default=DEFAULT_RULES)
+_EXPERT_PARALLEL: contextvars.ContextVar[str] = contextvars.ContextVar(
+    'switchmoe_expert_parallel', default='gspmd')
 
 
 def merge_rules(overrides: Sequence[Sequence]) -> Rules:
@@ -61,13 +65,31 @@ def merge_rules(overrides: Sequence[Sequence]) -> Rules:
 
 
 @contextlib.contextmanager
-def use_rules(rules: Rules) -> Iterator[None]:
-  """Makes ``rules`` the table used by `logical_to_spec` and `constrain` while tracing."""
-  token = _RULES.set(tuple(rules))
+def use_rules(rules: Rules, expert_parallel: str = 'gspmd') -> Iterator[None]:
+  """Makes ``rules`` the table used by `logical_to_spec` and `constrain` while tracing.
+
+  ``expert_parallel`` picks how MoE layers move tokens to experts on an ``expert`` mesh axis:
+  ``gspmd`` (sharding constraints; the compiler inserts the all-to-all) or ``shard_map``
+  (an explicit `jax.lax.all_to_all` inside `jax.shard_map`).
+  """
+  if expert_parallel not in EXPERT_PARALLEL:
+    raise ValueError(f'mesh.expert_parallel={expert_parallel!r}: expected one of '
+                     f'{EXPERT_PARALLEL}')
+  tokens = _RULES.set(tuple(rules)), _EXPERT_PARALLEL.set(expert_parallel)
   try:
     yield
   finally:
-    _RULES.reset(token)
+    _RULES.reset(tokens[0])
+    _EXPERT_PARALLEL.reset(tokens[1])
+
+
+def manual_expert_axis() -> int:
+  """Size of the ``expert`` mesh axis when MoE layers should use shard_map, else 0."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if _EXPERT_PARALLEL.get() != 'shard_map' or mesh.empty or 'expert' not in mesh.axis_names:
+    return 0
+  size = mesh.shape['expert']
+  return size if size > 1 else 0
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], mesh_axis_names: Sequence[str],
@@ -88,12 +110,34 @@ def logical_to_spec(logical_axes: Sequence[str | None], mesh_axis_names: Sequenc
   return PartitionSpec(*spec)
 
 
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh_shape) -> PartitionSpec:
+  """Drops mesh axes from dimensions they do not divide (e.g. 4 experts on an 8-way
+  ``expert`` axis: that dimension is then replicated)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept, size = [], 1
+    for a in axes:
+      if dim % (size * mesh_shape[a]) == 0:
+        kept.append(a)
+        size *= mesh_shape[a]
+    fitted.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+  return PartitionSpec(*fitted)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical names; a no-op outside a mesh context (plain CPU use)."""
+  """Sharding constraint by logical names; a no-op outside a mesh context (plain CPU use).
+
+  Axes that are manual (inside `jax.shard_map`) are left out.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh.axis_names))
+  auto = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual]
+  if not auto:
+    return x
+  spec = fit_spec(logical_to_spec(logical_axes, auto), x.shape, mesh.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str],
@@ -136,6 +180,8 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh,
                     rules: Rules | None = None) -> dict:
   """Pure-dict tree of NamedShardings for an (abstract) NNX state of Variables."""
   specs = jax.tree.map(
-      lambda v: NamedSharding(mesh, logical_to_spec(_logical_axes(v), mesh.axis_names, rules)),
+      lambda v: NamedSharding(mesh, fit_spec(
+          logical_to_spec(_logical_axes(v), mesh.axis_names, rules), v.get_value().shape,
+          mesh.shape)),
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(specs)

@@ -76,6 +76,10 @@ def make_setup(config: ml_collections.ConfigDict,
   if config.train.batch_size % (n * jax.process_count()):
     raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by the '
                      f'{n} devices on the batch mesh axes')
+  e, n_expert = config.model.moe.num_experts, dict(mesh.shape).get('expert', 1)
+  if config.model.moe.every and e % n_expert and n_expert % e:
+    raise ValueError(f'model.moe.num_experts={e} and the expert mesh axis ({n_expert}) must '
+                     'divide one another')
   tx = make_optimizer(config.optim, config.train.num_steps)
   graphdef, abstract_params = nnx.split(
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
@@ -89,7 +93,7 @@ def make_setup(config: ml_collections.ConfigDict,
     return {'params': params, 'opt_state': tx.init(params), 'step': zero,
             'skipped_steps': zero, 'last_skipped_step': zero}
 
-  with jax.set_mesh(mesh), sharding.use_rules(rules):
+  with jax.set_mesh(mesh), sharding.use_rules(rules, config.mesh.expert_parallel):
     # Compiled once: the optimizer state's shardings are whatever GSPMD chose for it.
     compiled_init = jax.jit(init).lower(jax.random.key(0)).compile()
   state_shardings = compiled_init.output_shardings
@@ -144,7 +148,7 @@ def make_setup(config: ml_collections.ConfigDict,
 @contextlib.contextmanager
 def mesh_context(s: Setup):
   """The mesh and sharding rules to run ``s``'s functions and restore checkpoints under."""
-  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
+  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules, s.config.mesh.expert_parallel):
     yield
 
 

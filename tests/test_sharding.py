@@ -59,7 +59,7 @@ def test_every_parameter_has_logical_axes():
 
 def _loss_and_grads(c, devices, batch):
   s = train.make_setup(c, devices)
-  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
+  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules, c.mesh.expert_parallel):
     state = s.init(jax.random.key(0))
 
     @jax.jit
@@ -68,30 +68,71 @@ def _loss_and_grads(c, devices, batch):
           nnx.merge(s.graphdef, p), batch, deterministic=False,
           rngs=nnx.Rngs(dropout=1, jitter=2))[0])(params)
 
-    loss, grads = f(state['params'], train.device_batch(s, batch))
+    batch = train.device_batch(s, batch)
+    loss, grads = f(state['params'], batch)
+    step = s.train_step.lower(state, batch).compile()
     for _ in range(2):
-      state, _ = s.train_step(state, train.device_batch(s, batch))
-  return s, jax.device_get(loss), jax.device_get(grads), state
+      state, _ = step(state, batch)
+  return s, jax.device_get(loss), jax.device_get(grads), state, step.as_text()
 
 
-@pytest.mark.parametrize('shape,axes', [((8,), ('data',)), ((2, 4), ('data', 'expert')),
-                                        ((1, 8), ('data', 'expert'))])
-def test_sharded_matches_single_device(shape, axes):
-  c = tiny_config(jitter=0.01)
-  c.model.dropout_rate = 0.1
-  batch = random_batch(c)
-  _, loss1, grads1, state1 = _loss_and_grads(c, jax.devices()[:1], batch)
-  c.mesh.shape, c.mesh.axes = shape, axes
-  s, loss8, grads8, state8 = _loss_and_grads(c, jax.devices()[:8], batch)
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-               grads8, grads1)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-               jax.device_get(state8['params']), jax.device_get(state1['params']))
-  expert_size = dict(zip(axes, shape)).get('expert', 1)
+def layout_config(num_experts=8):
+  # 16-token groups: 8 decoder groups, enough to split over an 8-way expert axis.
+  c = tiny_config(jitter=0.01, num_experts=num_experts, group_size=16, capacity_factor=1.0)
+  c.model.dropout_rate, c.model.num_layers = 0.1, 1
+  return c
+
+
+@pytest.fixture(scope='module')
+def single_device():
+  """Reference results per expert count: one device, no mesh axes beyond size 1."""
+  cache = {}
+
+  def get(num_experts):
+    if num_experts not in cache:
+      c = layout_config(num_experts)
+      cache[num_experts] = _loss_and_grads(c, jax.devices()[:1], random_batch(c))[1:4]
+    return cache[num_experts]
+
+  return get
+
+
+LAYOUTS = [((8,), ('data',)), ((2, 4), ('data', 'expert')), ((8,), ('expert',)),
+           ((2, 2, 2), ('data', 'expert', 'model')), ((4, 2), ('fsdp', 'expert'))]
+
+
+# The default run covers each mechanism once; the rest of the matrix is marked slow
+# (run by .ci/run, or with `pytest -m slow`).
+FAST = {(LAYOUTS[1], 8, 'gspmd'), (LAYOUTS[1], 8, 'shard_map'), (LAYOUTS[3], 8, 'shard_map'),
+        ((((8,), ('expert',))), 4, 'shard_map')}
+CASES = [(layout, e, impl) for layout, e in [(l, 8) for l in LAYOUTS] +
+         [(((8,), ('expert',)), 4), (((2, 4), ('data', 'expert')), 16)]
+         for impl in ('gspmd', 'shard_map') if impl == 'gspmd' or 'expert' in layout[1]]
+
+
+@pytest.mark.parametrize('layout,num_experts,expert_parallel', [
+    pytest.param(*case, marks=() if case in FAST else pytest.mark.slow) for case in CASES])
+def test_sharded_matches_single_device(single_device, layout, num_experts, expert_parallel):
+  shape, axes = layout
+  loss1, grads1, state1 = single_device(num_experts)
+  c = layout_config(num_experts)
+  c.mesh.shape, c.mesh.axes, c.mesh.expert_parallel = shape, axes, expert_parallel
+  s, loss8, grads8, state8, hlo = _loss_and_grads(c, jax.devices()[:8], random_batch(c))
+  # Float32 sums in another order: allow 1e-3 of each tensor's scale; a wrong layout is off
+  # by O(1).
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                  atol=1e-3 * np.abs(b).max() + 1e-7)
+  close(loss8, loss1)
+  jax.tree.map(close, grads8, grads1)
+  jax.tree.map(close, jax.device_get(state8['params']), jax.device_get(state1['params']))
+  n_expert = dict(zip(axes, shape)).get('expert', 1)
   wi = state8['params']['encoder']['layers'][0]['ffn']['experts']['wi']
-  assert wi.shape[0] == c.model.moe.num_experts
-  assert wi.addressable_shards[0].data.shape[0] == c.model.moe.num_experts // expert_size
+  assert wi.shape[0] == num_experts
+  # Each device holds 1/n of the experts; with fewer experts than devices they are replicated.
+  expected = num_experts // n_expert if num_experts >= n_expert else num_experts
+  assert {shard.data.shape[0] for shard in wi.addressable_shards} == {expected}
+  if n_expert > 1 and (expert_parallel == 'shard_map' or num_experts >= n_expert):
+    assert 'all-to-all' in hlo
 
 
 def test_batch_not_divisible_by_batch_devices_is_rejected():
