@@ -18,11 +18,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from switchmoe import config as config_lib
+from switchmoe import distributed
 from switchmoe import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: metrics, TensorBoard events and '
                                'checkpoints; re-running with the same folder resumes.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', 'Multi-process runs: host:port of process 0. Leave empty on '
+    'SLURM, Open MPI or a Cloud TPU pod, where JAX reads the cluster environment itself.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-process runs: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-process runs: this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -87,6 +93,7 @@ def main(argv: list[str]) -> None:
     fail(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:  # config, workdir and data errors: one line, no traceback

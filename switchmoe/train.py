@@ -73,9 +73,10 @@ def make_setup(config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
   rules = sharding.merge_rules(config.mesh.rules)
   n = batch_devices(mesh, rules)
-  if config.train.batch_size % (n * jax.process_count()):
+  # n counts the devices of all processes, so this also splits evenly between processes.
+  if config.train.batch_size % n or config.train.batch_size % jax.process_count():
     raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by the '
-                     f'{n} devices on the batch mesh axes')
+                     f'{n} devices on the batch mesh axes ({jax.process_count()} processes)')
   e, n_expert = config.model.moe.num_experts, dict(mesh.shape).get('expert', 1)
   if config.model.moe.every and e % n_expert and n_expert % e:
     raise ValueError(f'model.moe.num_experts={e} and the expert mesh axis ({n_expert}) must '

@@ -1,0 +1,47 @@
+"""Two local processes x 4 CPU devices (gloo) train like one process with 8 devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+
+from switchmoe import train
+from tests.helpers import random_batch, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+def config():
+  c = tiny_config(group_size=16)
+  c.model.num_layers = 1
+  c.mesh.shape, c.mesh.axes = (2, 4), ('data', 'expert')
+  return c
+
+
+def test_two_processes_match_one():
+  port = portpicker.pick_unused_port()
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  workers = [subprocess.Popen([sys.executable, '-m', 'tests.multiprocess_worker', str(port),
+                               str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [w.communicate(timeout=300) for w in workers]
+  for w, (out, err) in zip(workers, outputs):
+    assert w.returncode == 0, err[-3000:]
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  assert [r['devices'] for r in results] == [8, 8]
+
+  c = config()
+  s = train.make_setup(c, jax.devices()[:8])
+  expected = []
+  with train.mesh_context(s):
+    state = s.init(jax.random.key(c.seed))
+    for step in range(STEPS):
+      state, metrics = s.train_step(state, train.device_batch(s, random_batch(c, step)))
+      expected.append(float(metrics['loss']))
+  for r in results:
+    np.testing.assert_allclose(r['losses'], expected, rtol=1e-5)
