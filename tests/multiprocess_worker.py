@@ -1,6 +1,7 @@
-"""One process of the 2-process test in test_multiprocess.py: 4 CPU devices, 3 train steps.
+"""One process of the 2-process test in test_multiprocess.py: 4 CPU devices, 3 train steps,
+then a checkpoint.
 
-Usage: python -m tests.multiprocess_worker PORT PROCESS_ID
+Usage: python -m tests.multiprocess_worker PORT PROCESS_ID WORKDIR
 """
 
 import json
@@ -14,11 +15,12 @@ import jax  # noqa: E402
 jax.config.update('jax_num_cpu_devices', 4)
 
 from switchmoe import distributed, train  # noqa: E402
+from switchmoe.checkpoint import Checkpointer  # noqa: E402
 from tests.helpers import random_batch  # noqa: E402
 from tests.test_multiprocess import STEPS, config  # noqa: E402
 
 
-def main(port: int, process_id: int) -> None:
+def main(port: int, process_id: int, workdir: str) -> None:
   distributed.initialize(f'localhost:{port}', 2, process_id)
   c = config()
   s = train.make_setup(c)
@@ -31,9 +33,14 @@ def main(port: int, process_id: int) -> None:
                for k, v in random_batch(c, step).items()}
       state, metrics = s.train_step(state, train.device_batch(s, local))
       losses.append(float(metrics['loss']))
+    # Every process takes part in the save; the test restores it in one 8-device process.
+    checkpointer = Checkpointer(workdir, keep=1)
+    checkpointer.save(STEPS, state, {}, {})
+    checkpointer.wait()
+    checkpointer.close()
   print(json.dumps({'process': jax.process_index(), 'devices': jax.device_count(),
                     'losses': losses}), flush=True)
 
 
 if __name__ == '__main__':
-  main(int(sys.argv[1]), int(sys.argv[2]))
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

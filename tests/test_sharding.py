@@ -7,6 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from switchmoe import sharding, train
+from switchmoe.checkpoint import Checkpointer
 from switchmoe.model import LanguageModel, loss_and_metrics
 from tests.helpers import random_batch, tiny_config
 
@@ -141,3 +142,28 @@ def test_batch_not_divisible_by_batch_devices_is_rejected():
   c.mesh.shape, c.mesh.axes = (8,), ('data',)
   with pytest.raises(ValueError, match='train.batch_size=4'):
     train.make_setup(c)
+
+
+def test_checkpoint_restores_on_another_mesh(tmp_path):
+  """Saved with experts over 4 devices, restored with 8 experts per device-pair and with all
+  experts on one device: the values are the same, the layout is the new mesh's."""
+  c = layout_config()
+  c.mesh.shape, c.mesh.axes = (2, 4), ('data', 'expert')
+  saved = train.make_setup(c, jax.devices()[:8])
+  with train.mesh_context(saved):
+    state = saved.init(jax.random.key(0))
+  checkpointer = Checkpointer(str(tmp_path), keep=1)
+  checkpointer.save(1, state, {}, {})
+  checkpointer.wait()
+  for shape, axes, devices in [((1, 8), ('data', 'expert'), 8), ((2, 2), ('fsdp', 'expert'), 4),
+                               ((1,), ('data',), 1)]:
+    c.mesh.shape, c.mesh.axes = shape, axes
+    other = train.make_setup(c, jax.devices()[:devices])
+    with train.mesh_context(other):
+      restored, _ = checkpointer.restore(1, other.abstract_state)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
+                 jax.device_get(state))
+    wi = restored['params']['decoder']['layers'][0]['ffn']['experts']['wi']
+    n_expert = dict(zip(axes, shape))['expert'] if 'expert' in axes else 1
+    assert {s.data.shape[0] for s in wi.addressable_shards} == {8 // n_expert}
+  checkpointer.close()
