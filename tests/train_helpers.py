@@ -17,20 +17,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, 'scripts/train.py']
 
 
-@pytest.fixture(scope='session')
+_CACHE_DIRS = []  # one directory for the whole session, shared by the modules that use it
+
+
+@pytest.fixture(scope='module')
 def compile_cache(tmp_path_factory):
-  """A session-wide persistent compilation cache: the many short runs here compile the same
-  programs, and a warm cache turns each ~20 s compile into a load. Also passed to command-line
-  runs through the environment (`cli_env`). Turned off again after the session."""
-  directory = str(tmp_path_factory.mktemp('jax_cache'))
-  settings = {'jax_compilation_cache_dir': directory,
+  """A persistent compilation cache for this module's tests, in a directory shared by all
+  modules that use it: their many short runs compile the same programs, and a warm cache
+  turns each ~20 s compile into a load. Command-line runs get it through the environment
+  (`cli_env`). Off again after the module, so other tests run as they would alone."""
+  if not _CACHE_DIRS:
+    _CACHE_DIRS.append(str(tmp_path_factory.mktemp('jax_cache')))
+  settings = {'jax_compilation_cache_dir': _CACHE_DIRS[0],
               'jax_persistent_cache_min_compile_time_secs': 0.0,
               'jax_persistent_cache_min_entry_size_bytes': -1}
   previous = {name: getattr(jax.config, name) for name in settings}
   for name, value in settings.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
-  yield directory
+  yield _CACHE_DIRS[0]
   for name, value in previous.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
@@ -47,20 +52,29 @@ def run_config(data_dir, num_steps, **train_fields):
   c = tiny_config()
   c.data.data_dir = data_dir
   c.optim.learning_rate = 3e-3
-  c.train.update(num_steps=num_steps, log_every=5, eval_every=10, eval_batches=2,
-                 checkpoint_every=10, **train_fields)
+  c.train.update({'num_steps': num_steps, 'log_every': 5, 'eval_every': 10, 'eval_batches': 2,
+                  'checkpoint_every': 10, **train_fields})
   return c
 
 
+# A config file for command-line runs with the model and optimizer of `run_config`, so that
+# they share compiled programs with in-process runs through the compilation cache.
+CLI_CONFIG = f"""
+import sys
+sys.path.insert(0, {REPO!r})
+from tests.train_helpers import run_config
+def get_config():
+  return run_config('', 1)  # data_dir and num_steps come from the command line
+"""
+
+
 def cli_args(workdir, data_dir, num_steps, *extra):
-  """Command line for a 1-layer d_model 32 Switch model, saving every 10 steps."""
-  return CLI + ['--config=configs/switch_tiny.py', f'--workdir={workdir}',
-                '--config.model.d_model=32', '--config.model.num_layers=1',
-                '--config.model.d_ff=64', '--config.model.moe.every=1',
-                '--config.model.moe.group_size=64', '--config.data.inputs_length=32',
-                '--config.data.targets_length=16', '--config.train.batch_size=8',
-                '--config.train.log_every=5', '--config.train.eval_every=10',
-                '--config.train.eval_batches=1', '--config.train.checkpoint_every=10',
+  """Command line for a `run_config` run: logs every 5 steps, evaluates and saves every 10."""
+  config_file = os.path.join(os.path.dirname(str(data_dir)), 'cli_config.py')
+  if not os.path.exists(config_file):
+    with open(config_file, 'w') as f:
+      f.write(CLI_CONFIG)
+  return CLI + [f'--config={config_file}', f'--workdir={workdir}',
                 f'--config.train.num_steps={num_steps}', f'--config.data.data_dir={data_dir}',
                 *extra]
 
