@@ -15,7 +15,8 @@ def test_plan_reports_memory_and_all_to_all():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   done = subprocess.run(
       [sys.executable, 'scripts/plan.py', '--config=configs/switch_tiny.py', '--devices=8',
-       "--config.mesh.shape=(2,4)", '--config.model.num_layers=1'],
+       '--config.mesh.shape=(2,4)', '--config.model.num_layers=1',
+       '--config.model.moe.every=1'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   out = done.stdout
