@@ -238,7 +238,7 @@ class StopSignals:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def should_stop(self, step: int, sync: bool) -> bool:
+  def should_stop(self, sync: bool) -> bool:
     """Single process: after every step. Several: only at ``sync`` steps (log steps), agreed
     by all processes, so that they all save the same step."""
     if jax.process_count() == 1:
@@ -389,7 +389,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
           print(f'Compiled and ran the first step in {first_step_time:.1f} s', flush=True)
       last, evaluate_now = step == t.num_steps, step % t.eval_every == 0
       log = step % t.log_every == 0 or evaluate_now or last
-      stop = signals.should_stop(step, sync=log)
+      stop = signals.should_stop(sync=log)
       if log:
         metrics = jax.device_get(metrics)  # waits for the step: timing below is honest
         check_numerics(state, metrics, step, start, config)
