@@ -17,6 +17,8 @@ OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 DTYPES = ('float32', 'bfloat16')
 NONFINITE = ('skip', 'stop')
+OBJECTIVES = {'encoder_decoder': ('span_corruption', 'prefix_lm'),
+              'decoder': ('causal_lm', 'prefix_lm')}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -66,9 +68,15 @@ def default_config() -> ml_collections.ConfigDict:
   e.dispatch = 'einsum'        # 'einsum' | 'gather' | 'dropless' (grouped matmul, no capacity)
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = 'stdlib'          # embedded corpus: the Python standard library's source
+  d.source = 'stdlib'          # 'stdlib' (embedded corpus) | 'files' | a TFDS name, 'c4/en:3.0.1'
+  d.files = ''                 # source='files': comma-separated globs of .txt/.jsonl(.gz) files
+  d.dataset_name = ''          # source='files': TFDS config name; '' = files_<fingerprint>
   d.data_dir = ''              # '' = $SWITCHMOE_DATA_DIR or ~/.cache/switchmoe/tfds
-  d.tokenizer = 'byte'
+  d.text_field = 'text'        # the feature (or .jsonl key) holding each document's text
+  d.train_split = 'train'
+  d.eval_split = 'validation'  # lm1b has none: use 'test'
+  d.tokenizer = 'byte'         # 'byte' | path to a SentencePiece .model (100 extra ids appended)
+  d.objective = 'span_corruption'  # encoder_decoder: | 'prefix_lm'; decoder: 'causal_lm' | 'prefix_lm'
   d.inputs_length = 128
   d.targets_length = 32
   d.noise_density = 0.15
@@ -274,6 +282,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check_fields(c)
   m, e, d, t, o = c.model, c.model.moe, c.data, c.train, c.optim
   _choice('model.arch', m.arch, ARCHS)
+  if d.objective not in OBJECTIVES[m.arch]:
+    raise ValueError(f'data.objective={d.objective!r}: not an option for model.arch={m.arch!r}; '
+                     f'allowed: {", ".join(map(repr, OBJECTIVES[m.arch]))}')
   _choice('model.dtype', m.dtype, DTYPES)
   _choice('model.moe.router_dtype', e.router_dtype, DTYPES)
   _choice('model.ffn_activation', m.ffn_activation, ('relu', 'geglu'))

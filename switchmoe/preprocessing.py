@@ -141,3 +141,74 @@ def decoder_features(targets_N: np.ndarray, length: int, pad_id: int = 0) -> dic
       'decoder_target_tokens': target_tokens,
       'decoder_loss_weights': loss_weights,
   }
+
+
+def segment_positions(segment_ids_L: np.ndarray) -> np.ndarray:
+  """positions_L int32: 0, 1, 2, ... restarting wherever the segment id changes."""
+  segment_ids_L = np.asarray(segment_ids_L)
+  index_L = np.arange(len(segment_ids_L))
+  starts_L = np.concatenate([[True], segment_ids_L[1:] != segment_ids_L[:-1]])
+  return (index_L - np.maximum.accumulate(np.where(starts_L, index_L, 0))).astype(np.int32)
+
+
+def random_prefix_lengths(segment_ids_L: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """prefix_lengths_L int32: for each token, its segment's prefix length k.
+
+  k is uniform in [1, n - 1] for a segment of n >= 2 tokens (at least one token is predicted) and 0
+  for a one-token segment.
+  """
+  _, starts_S, lengths_S = np.unique(segment_ids_L, return_index=True, return_counts=True)
+  high_S = np.maximum(lengths_S - 1, 1)
+  prefix_S = np.where(lengths_S >= 2, rng.integers(1, high_S, endpoint=True), 0)
+  return np.repeat(prefix_S[np.argsort(starts_S)], lengths_S[np.argsort(starts_S)]).astype(np.int32)
+
+
+def packed_decoder_features(
+    tokens_L: np.ndarray, segment_ids_L: np.ndarray, prefix_lengths_L: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+  """Decoder-only features of a packed row (segment ids 1, 2, ... by contiguous runs; 0 = pad).
+
+  Every array has shape [L]:
+  decoder_target_tokens int32: the tokens (0 on padding).
+  decoder_input_tokens int32: targets shifted right by one *within* each segment, so a segment
+    starts from 0 and never sees the previous one.
+  decoder_segment_ids, decoder_positions int32: for the model's attention mask.
+  decoder_loss_weights float32: 1.0 on real tokens outside the prefix.
+  With ``prefix_lengths_L`` (prefix LM), also decoder_causal_attention int32: 1 on the first k + 1
+  positions of a segment with prefix length k, whose decoder inputs are the start token and the
+  prefix (t5x's convention); the model lets these attend to each other bidirectionally.
+  """
+  segment_ids_L = np.asarray(segment_ids_L, np.int32)
+  real_L = segment_ids_L > 0
+  targets_L = np.where(real_L, tokens_L, 0).astype(np.int32)
+  positions_L = np.where(real_L, segment_positions(segment_ids_L), 0).astype(np.int32)
+  inputs_L = np.where(positions_L > 0, np.concatenate([[0], targets_L[:-1]]), 0).astype(np.int32)
+  features = {
+      'decoder_input_tokens': inputs_L,
+      'decoder_target_tokens': targets_L,
+      'decoder_segment_ids': segment_ids_L,
+      'decoder_positions': positions_L,
+  }
+  loss_L = real_L
+  if prefix_lengths_L is not None:
+    loss_L = real_L & (positions_L >= prefix_lengths_L)
+    features['decoder_causal_attention'] = (real_L & (positions_L <= prefix_lengths_L)).astype(
+        np.int32)
+  features['decoder_loss_weights'] = loss_L.astype(np.float32)
+  return features
+
+
+def prefix_lm_split(
+    tokens_N: np.ndarray, rng: np.random.Generator, inputs_length: int, targets_length: int,
+    eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Encoder-decoder prefix LM: (inputs, targets) = (prefix + EOS, rest + EOS).
+
+  ``tokens_N`` (N >= 2, N < inputs_length) is cut at a uniform point k in
+  [max(1, N - targets_length + 1), N - 1], so both parts with their EOS fit their lengths.
+  """
+  n = len(tokens_N)
+  k = int(rng.integers(max(1, n - targets_length + 1), n - 1, endpoint=True))
+  eos_1 = np.array([eos_id], np.int32)
+  return (np.concatenate([tokens_N[:k], eos_1]).astype(np.int32),
+          np.concatenate([tokens_N[k:], eos_1]).astype(np.int32))

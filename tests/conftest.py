@@ -22,5 +22,5 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def corpus(data_dir):
   """The embedded corpus, built once per session."""
-  from switchmoe import data
-  return data.load_stdlib_corpus(data_dir)
+  from switchmoe import sources
+  return sources.load_stdlib_corpus(data_dir)

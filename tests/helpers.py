@@ -10,6 +10,7 @@ def tiny_config(arch='encoder_decoder', **moe):
   c = default_config()
   m = c.model
   m.arch = arch
+  c.data.objective = 'span_corruption' if arch == 'encoder_decoder' else 'causal_lm'
   m.d_model, m.num_layers, m.num_heads, m.d_kv, m.d_ff = 32, 2, 2, 16, 64
   m.moe.num_experts, m.moe.every, m.moe.group_size = 8, 1, 32
   m.moe.update(moe)

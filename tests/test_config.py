@@ -41,7 +41,7 @@ def with_field(section_path, **extra):
 
 
 def decoder(c):
-  c.model.arch = 'decoder'
+  c.model.arch, c.data.objective = 'decoder', 'causal_lm'
 
 
 BAD = [

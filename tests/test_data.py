@@ -1,36 +1,28 @@
 import json
-import pathlib
-import re
-import sysconfig
 
 import grain
-import ml_collections
 import numpy as np
 import pytest
 
 from switchmoe import data
+from switchmoe.config import default_config
 from switchmoe.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
-DECODER_KEYS = {'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights'}
-ENC_DEC_KEYS = DECODER_KEYS | {'encoder_input_tokens'}
+TARGET_KEYS = {'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights'}
+ENC_DEC_KEYS = TARGET_KEYS | {'encoder_input_tokens'}
+DECODER_KEYS = TARGET_KEYS | {'decoder_segment_ids', 'decoder_positions'}
 
 
 def make_config(data_dir, arch='encoder_decoder', seed=0, **data_overrides):
-  config = ml_collections.ConfigDict()
+  config = default_config()
   config.seed = seed
-  config.model = ml_collections.ConfigDict({'arch': arch, 'vocab_size': 384})
-  config.data = ml_collections.ConfigDict(
-      {
-          'source': 'stdlib',
-          'data_dir': data_dir,
-          'tokenizer': 'byte',
-          'inputs_length': 128,
-          'targets_length': 32 if arch == 'encoder_decoder' else 128,
-          'noise_density': 0.15,
-          'mean_noise_span_length': 3.0,
-          'num_workers': 0,
-      }
+  config.model.arch = arch
+  config.data.update(
+      data_dir=data_dir,
+      objective='span_corruption' if arch == 'encoder_decoder' else 'causal_lm',
+      inputs_length=128,
+      targets_length=32 if arch == 'encoder_decoder' else 128,
   )
   config.data.update(data_overrides)
   return config
@@ -52,58 +44,6 @@ def batches_differ(batches_a, batches_b):
   return any(not np.array_equal(a[k], b[k]) for a, b in zip(batches_a, batches_b) for k in a)
 
 
-# ----------------------------------------------------------------------------- corpus
-
-
-def test_split_passages_sizes_and_content():
-  rng = np.random.default_rng(0)
-  blocks = [
-      '\n'.join('x' * int(n) for n in rng.integers(1, 300, size=rng.integers(1, 30)))
-      for _ in range(60)
-  ]
-  blocks.append('y' * 10_000)  # one over-long line
-  text = '\n\n  \n'.join(blocks)
-  passages = data.split_passages(text, min_chars=1024, max_chars=4096)
-  assert all(len(p) <= 4096 for p in passages)
-  for passage, next_passage in zip(passages, passages[1:]):
-    # A short passage is only cut because the next block did not fit.
-    assert len(passage) >= 1024 or len(passage) + 2 + len(next_passage) > 4096
-  # Only whitespace at the cuts may be lost.
-  assert re.sub(r'\s', '', ''.join(passages)) == re.sub(r'\s', '', text)
-
-
-def test_corpus_splits_follow_file_hash(corpus):
-  stdlib_dir = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  files = data.stdlib_source_files(stdlib_dir)
-  assert not any(part in ('test', 'tests', 'site-packages') for f in files for part in f.parts)
-  validation_files = [f for f in files if data.is_validation_file(f)]
-  assert 0 < len(validation_files) < 0.05 * len(files)
-
-  def num_passages(paths):
-    texts = [(stdlib_dir / p).read_bytes().decode('utf-8', 'replace') for p in paths]
-    return sum(len(data.split_passages(text)) for text in texts)
-
-  # Every passage of a validation file, and only those, is in the validation split.
-  assert len(corpus['validation']) == num_passages(validation_files) > 0
-  assert len(corpus['train']) + len(corpus['validation']) == num_passages(files)
-  assert isinstance(corpus['train'][0]['text'], bytes)
-
-
-def test_corpus_build_is_idempotent_and_complete(data_dir, corpus):
-  again = data.load_stdlib_corpus(data_dir)
-  assert {k: len(v) for k, v in again.items()} == {k: len(v) for k, v in corpus.items()}
-  assert again['train'][5]['text'] == corpus['train'][5]['text']
-  assert not list(pathlib.Path(data_dir).rglob('incomplete*'))
-
-
-def test_resolve_data_dir(monkeypatch, tmp_path):
-  assert data.resolve_data_dir(str(tmp_path)) == str(tmp_path)
-  monkeypatch.setenv('SWITCHMOE_DATA_DIR', str(tmp_path / 'env'))
-  assert data.resolve_data_dir('') == str(tmp_path / 'env')
-  monkeypatch.delenv('SWITCHMOE_DATA_DIR')
-  assert data.resolve_data_dir('') == str(pathlib.Path.home() / '.cache/switchmoe/tfds')
-
-
 # ----------------------------------------------------------------------------- batches
 
 
@@ -115,15 +55,17 @@ def test_batch_keys_shapes_dtypes(data_dir, corpus, arch):
   targets_length = config.data.targets_length
   for batch in train + evaluation:
     assert batch.keys() == (ENC_DEC_KEYS if arch == 'encoder_decoder' else DECODER_KEYS)
-    for key in DECODER_KEYS:
+    for key in TARGET_KEYS:
       assert batch[key].shape == (4, targets_length)
     assert batch['decoder_input_tokens'].dtype == np.int32
     assert batch['decoder_target_tokens'].dtype == np.int32
     assert batch['decoder_loss_weights'].dtype == np.float32
     np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 0], 0)
+    # Shifted right by one, except where a new segment starts (decoder-only packing).
+    starts = batch.get('decoder_positions', np.ones_like(batch['decoder_input_tokens']))[:, 1:] == 0
     np.testing.assert_array_equal(
-        batch['decoder_input_tokens'][:, 1:], batch['decoder_target_tokens'][:, :-1]
-    )
+        batch['decoder_input_tokens'][:, 1:],
+        np.where(starts, 0, batch['decoder_target_tokens'][:, :-1]))
     np.testing.assert_array_equal(
         batch['decoder_loss_weights'], batch['decoder_target_tokens'] != 0)
     for tokens in batch.values():
@@ -136,6 +78,8 @@ def test_batch_keys_shapes_dtypes(data_dir, corpus, arch):
       assert np.all((batch['decoder_target_tokens'] == TOKENIZER.eos_id).sum(1) == 1)
     else:
       assert batch['decoder_loss_weights'].all()  # packed rows have no padding
+      for key in ('decoder_segment_ids', 'decoder_positions'):
+        assert batch[key].shape == (4, targets_length) and batch[key].dtype == np.int32
 
 
 @pytest.mark.parametrize('arch', ['encoder_decoder', 'decoder'])
@@ -178,17 +122,26 @@ def test_packed_rows_concatenate_and_restore_anywhere():
   lengths = rng.integers(1, 20, size=40)
   documents = [np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate(lengths)]
   stream = np.concatenate(documents)
+  document_of_token = np.repeat(np.arange(len(documents)), lengths)
   packed = data._PackedRows(grain.MapDataset.source(documents).to_iter_dataset(), length=7)
   iterator = iter(packed)
   states, rows = [], []
   for _ in range(len(stream) // 7):
     states.append(json.loads(json.dumps(iterator.get_state())))
     rows.append(next(iterator))
-  np.testing.assert_array_equal(np.concatenate(rows), stream[: len(rows) * 7])
+  np.testing.assert_array_equal(np.concatenate([r['tokens'] for r in rows]),
+                                stream[: len(rows) * 7])
+  for i, row in enumerate(rows):
+    # Segments 1, 2, ... follow exactly the document pieces of the row.
+    documents_in_row = document_of_token[7 * i : 7 * (i + 1)]
+    expected = np.cumsum(np.concatenate([[1], documents_in_row[1:] != documents_in_row[:-1]]))
+    np.testing.assert_array_equal(row['segment_ids'], expected)
   for i, state in enumerate(states):
     restored = iter(packed)
     restored.set_state(state)
-    np.testing.assert_array_equal(next(restored), rows[i])
+    restored_row = next(restored)
+    for key in ('tokens', 'segment_ids'):
+      np.testing.assert_array_equal(restored_row[key], rows[i][key])
 
 
 def test_multiprocess_workers_give_the_same_batches(data_dir, corpus):
@@ -237,32 +190,46 @@ def test_eval_batches_are_fixed_and_from_validation(data_dir, corpus, arch):
   assert_batches_equal(batches, other_seed)  # independent of the training seed
 
   validation = corpus['validation']
-  validation_text = b'\x00'.join(validation[i]['text'] for i in range(len(validation)))
+  texts = [validation[i]['text'] for i in range(len(validation))]
+  # Encoder-decoder rows run on across documents (T5 joins them); decoder segments must not.
+  joined = b''.join(texts * 2) if arch == 'encoder_decoder' else b'\x00'.join(texts)
   key = 'encoder_input_tokens' if arch == 'encoder_decoder' else 'decoder_target_tokens'
   first_sentinel = TOKENIZER.sentinel_id(TOKENIZER.num_sentinels - 1)
   for batch in batches:
-    for row in batch[key]:
-      # Pieces between special tokens (EOS, sentinels, padding) are verbatim validation text.
-      pieces = np.split(row, np.flatnonzero((row < 3) | (row >= first_sentinel)))
-      for piece in pieces:
+    for i, row in enumerate(batch[key]):
+      special = (row < 3) | (row >= first_sentinel)
+      if 'decoder_positions' in batch:
+        special |= batch['decoder_positions'][i] == 0
+      # Pieces between special tokens (EOS, sentinels, padding, segment starts) are verbatim
+      # validation text.
+      for piece in np.split(row, np.flatnonzero(special)):
         piece_bytes = bytes((piece[(piece >= 3) & (piece < first_sentinel)] - 3).tolist())
-        assert piece_bytes in validation_text
+        assert piece_bytes in joined
 
 
 @pytest.mark.parametrize(
-    'field, value, message',
+    'field, value, message, pipelines',
     [
-        ('source', 'c4', r'data\.source'),
-        ('tokenizer', 'sentencepiece', r'data\.tokenizer'),
-        ('targets_length', 8, r'data\.targets_length'),
+        ('source', 'c4/en:3.0.1',
+         r"^data\.source='c4/en:3\.0\.1': no prepared TFDS dataset .*tfds build", 'train eval'),
+        ('tokenizer', 'sentencepiece', r'data\.tokenizer', 'train eval'),
+        ('train_split', 'nope', r"^data\.train_split='nope': .* has splits train, validation$",
+         'train'),
+        ('eval_split', 'test', r"^data\.eval_split='test': .* has splits train, validation$",
+         'eval'),
+        ('text_field', 'body', r"^data\.text_field='body': not a feature .* it has text$",
+         'train eval'),
+        ('targets_length', 8, r'data\.targets_length', 'train eval'),
     ],
 )
-def test_bad_config_raises(data_dir, corpus, field, value, message):
+def test_bad_config_raises(data_dir, corpus, field, value, message, pipelines):
   config = make_config(data_dir, **{field: value})
-  with pytest.raises(ValueError, match=message):
-    data.make_train_iterator(config, batch_size=4)
-  with pytest.raises(ValueError, match=message):
-    data.make_eval_batches(config, batch_size=4, num_batches=1)
+  if 'train' in pipelines:
+    with pytest.raises(ValueError, match=message):
+      data.make_train_iterator(config, batch_size=4)
+  if 'eval' in pipelines:
+    with pytest.raises(ValueError, match=message):
+      data.make_eval_batches(config, batch_size=4, num_batches=1)
 
 
 def test_bad_model_config_raises(data_dir, corpus):
