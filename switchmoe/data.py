@@ -60,7 +60,7 @@ def iter_texts(config, split: str | None = None) -> Iterator[str]:
     yield sources.document_text(source[i], config.data.text_field)
 
 
-def _row_length(config) -> int:
+def row_length(config) -> int:
   """Raw tokens per packed row, before the objective turns a row into an example."""
   d = config.data
   if config.model.arch == 'decoder':
@@ -78,13 +78,13 @@ def _row_length(config) -> int:
   return tokens_length
 
 
-def _tokenize(example, *, tokenizer, text_field: str, append_eos: bool) -> np.ndarray:
+def tokenize_document(example, *, tokenizer, text_field: str, append_eos: bool) -> np.ndarray:
   """One example -> ids_N int32 (+ EOS for the LM objectives, whose documents are segments)."""
   ids_N = tokenizer.encode(sources.document_text(example, text_field))
   return np.append(ids_N, np.int32(tokenizer.eos_id)) if append_eos else ids_N
 
 
-def _example(row: dict, rng: np.random.Generator, *, config, tokenizer) -> dict:
+def objective_features(row: dict, rng: np.random.Generator, *, config, tokenizer) -> dict:
   """A packed row {'tokens', 'segment_ids'} -> the model's features for ``data.objective``.
 
   Encoder-decoder rows are one stretch of the concatenated corpus, as in T5's span corruption
@@ -109,7 +109,7 @@ def _example(row: dict, rng: np.random.Generator, *, config, tokenizer) -> dict:
   }
 
 
-class _PackedRows(grain.IterDataset):
+class PackedRows(grain.IterDataset):
   """Concatenates the parent's 1-D token arrays into one stream and cuts it into rows of ``length``.
 
   Each row is {'tokens': int32 [length], 'segment_ids': int32 [length]}; the pieces of the
@@ -123,10 +123,10 @@ class _PackedRows(grain.IterDataset):
     self._length = length
 
   def __iter__(self):
-    return _PackedRowsIterator(self._parent.__iter__(), self._length)
+    return PackedRowsIterator(self._parent.__iter__(), self._length)
 
 
-class _PackedRowsIterator(grain.DatasetIterator):
+class PackedRowsIterator(grain.DatasetIterator):
   """Its state is the parent's state just before the current document plus how many of that
   document's tokens are already used, so a restore re-reads one document."""
 
@@ -193,13 +193,13 @@ def _batches(documents: grain.MapDataset, config, *, row_seed: int, example_seed
   batches do not depend on the number of workers.
   """
   tokenizer = _check_config(config)
-  tokenize = functools.partial(_tokenize, tokenizer=tokenizer, text_field=config.data.text_field,
+  tokenize = functools.partial(tokenize_document, tokenizer=tokenizer, text_field=config.data.text_field,
                                append_eos=config.model.arch == 'decoder')
   tokens = _prefetch(documents.repeat().map(tokenize).to_iter_dataset(_READ_OPTIONS), num_workers)
-  rows = WindowShuffleIterDataset(_PackedRows(tokens, _row_length(config)),
+  rows = WindowShuffleIterDataset(PackedRows(tokens, row_length(config)),
                                   window_size=_ROW_SHUFFLE_WINDOW, seed=row_seed)
   examples = rows.random_map(
-      functools.partial(_example, config=config, tokenizer=tokenizer), seed=example_seed)
+      functools.partial(objective_features, config=config, tokenizer=tokenizer), seed=example_seed)
   return examples.batch(batch_size, drop_remainder=True)
 
 

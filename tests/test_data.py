@@ -123,7 +123,7 @@ def test_packed_rows_concatenate_and_restore_anywhere():
   documents = [np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate(lengths)]
   stream = np.concatenate(documents)
   document_of_token = np.repeat(np.arange(len(documents)), lengths)
-  packed = data._PackedRows(grain.MapDataset.source(documents).to_iter_dataset(), length=7)
+  packed = data.PackedRows(grain.MapDataset.source(documents).to_iter_dataset(), length=7)
   iterator = iter(packed)
   states, rows = [], []
   for _ in range(len(stream) // 7):
