@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 BUILT_IN = ('stdlib', 'files')
 FILE_SUFFIXES = ('.txt', '.jsonl', '.txt.gz', '.jsonl.gz')
@@ -292,7 +293,13 @@ def files_builder(files: str, text_field: str, dataset_name: str,
   paths = match_files(files)
   name = dataset_name or f'files_{_fingerprint(paths, text_field)}'
   config = TextFilesConfig(name=name, files=tuple(map(str, paths)), text_field=text_field)
-  return SwitchmoeFiles(config=config, data_dir=data_dir, file_format='array_record')
+  # TFDS warns about every config missing from BUILDER_CONFIGS, which here is all of them.
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    return SwitchmoeFiles(config=config, data_dir=data_dir, file_format='array_record')
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------- opening
