@@ -7,7 +7,8 @@ The model and data come from the config stored with it; ``--config.*`` overrides
 ``--config.model.moe.eval_capacity_factor=1.0`` or ``--config.train.batch_size=64``. The
 ``validation`` split uses the fixed evaluation batches of training; ``train`` the first
 batches of the training stream (same seed, so the batches the run started with). Prints one
-JSON object: ``eval/ce``, ``eval/accuracy``, ``eval/dropped_fraction``, the checkpoint's
+JSON object: ``eval/ce``, ``eval/neg_log_perplexity`` (= -ce, nats per target token, the
+paper's metric), ``eval/accuracy``, ``eval/dropped_fraction``, the checkpoint's
 ``step`` (if it has one), ``split`` and ``batches``. Exit code 2 with a one-line error for a
 bad path or field.
 """

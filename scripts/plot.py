@@ -3,7 +3,7 @@
   python scripts/plot.py WORKDIR [WORKDIR ...] [--out=curves.png]
 
 Reads each run's ``metrics.jsonl`` and draws, in one PNG: training cross-entropy, evaluation
-cross-entropy and accuracy (runs overlaid, labelled by folder name), and one expert-load panel
+neg. log perplexity (the paper's metric) and accuracy (runs overlaid, labelled by folder name), and one expert-load panel
 per run: for each Switch layer, the busiest expert's share of tokens times the number of
 experts (1 = perfectly balanced, E = everything on one expert), with the share of tokens
 dropped for capacity dashed. Needs matplotlib (``pip install -e '.[plot]'``).
@@ -60,7 +60,7 @@ def plot(workdirs: list[str], out: str) -> None:
   top, bottom = fig.subfigures(2, 1)
   curves = top.subplots(1, 3)
   for (key, title), ax in zip((('train/ce', 'train cross-entropy'),
-                               ('eval/ce', 'eval cross-entropy'),
+                               ('eval/neg_log_perplexity', 'eval neg. log perplexity (nats/token)'),
                                ('eval/accuracy', 'eval accuracy')), curves):
     for name, records in runs.items():
       ax.plot(*series(records, key), '.-', label=name)

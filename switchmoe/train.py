@@ -166,7 +166,9 @@ def evaluate(s: Setup, params, batches: list[dict]) -> dict:
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   weight = max(float(totals['weight']), 1.0)
-  return {'eval/ce': float(totals['ce_sum']) / weight,
+  ce = float(totals['ce_sum']) / weight
+  # The paper's quality metric: mean log-likelihood per target token, in nats.
+  return {'eval/ce': ce, 'eval/neg_log_perplexity': -ce,
           'eval/accuracy': float(totals['correct']) / weight,
           'eval/dropped_fraction': float(totals['dropped_fraction']) / len(batches)}
 

@@ -240,3 +240,40 @@ def test_bad_model_config_raises(data_dir, corpus):
   config.model.vocab_size = 300
   with pytest.raises(ValueError, match=r'model\.vocab_size'):
     data.make_train_iterator(config, batch_size=4)
+
+
+def test_decoder_prefix_lm_batches(data_dir, corpus):
+  config = make_config(data_dir, 'decoder', objective='prefix_lm')
+  iterator = data.make_train_iterator(config, batch_size=4)
+  for batch in take(iterator, 3):
+    assert batch.keys() == DECODER_KEYS | {'decoder_causal_attention'}
+    for row in range(4):
+      segments = batch['decoder_segment_ids'][row]
+      for segment in np.unique(segments):
+        at = segments == segment
+        weights = batch['decoder_loss_weights'][row][at]
+        bidirectional = batch['decoder_causal_attention'][row][at]
+        prefix = len(weights) - int(weights.sum())
+        # The segment is a prefix (not predicted) then targets; the prefix plus one sees itself.
+        np.testing.assert_array_equal(weights, np.arange(len(weights)) >= prefix)
+        np.testing.assert_array_equal(bidirectional, np.arange(len(weights)) <= prefix)
+        assert prefix >= 1 or len(weights) == 1
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = take(iterator, 2)
+  restored = data.make_train_iterator(config, batch_size=4)
+  restored.set_state(state)
+  assert_batches_equal(take(restored, 2), expected)
+
+
+def test_encoder_decoder_prefix_lm_batches(data_dir, corpus):
+  config = make_config(data_dir, objective='prefix_lm', targets_length=64)
+  validation = corpus['validation']  # evaluation reads documents in stored order
+  joined = b''.join(validation[i]['text'] for i in range(len(validation)))
+  for batch in data.make_eval_batches(config, batch_size=4, num_batches=2):
+    for inputs, targets in zip(batch['encoder_input_tokens'], batch['decoder_target_tokens']):
+      inputs, targets = inputs[inputs > 0], targets[targets > 0]
+      assert inputs[-1] == TOKENIZER.eos_id and targets[-1] == TOKENIZER.eos_id
+      # Prefix and continuation are one verbatim stretch of 127 bytes of the corpus.
+      stretch = np.concatenate([inputs[:-1], targets[:-1]])
+      assert len(stretch) == config.data.inputs_length - 1
+      assert bytes((stretch - 3).tolist()) in joined

@@ -175,3 +175,70 @@ def test_decoder_features():
   truncated = preprocessing.decoder_features(np.arange(3, 13, dtype=np.int32), 4)
   np.testing.assert_array_equal(truncated['decoder_input_tokens'], [0, 3, 4, 5])
   np.testing.assert_array_equal(truncated['decoder_loss_weights'], [1, 1, 1, 1])
+
+
+def test_span_corruption_hand_worked(monkeypatch):
+  # tokens 10..19 with noise at 2-3 and 7 (as T5's docstring example): the inputs keep the rest
+  # with <extra_id_0>, <extra_id_1> in place of the spans; the targets list each span after its
+  # sentinel; both end in EOS.
+  mask = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0], bool)
+  monkeypatch.setattr(preprocessing, 'random_spans_noise_mask', lambda *args: mask)
+  inputs, targets = preprocessing.span_corruption(
+      np.arange(10, 20), TOKENIZER, np.random.default_rng(0))
+  s0, s1, eos = TOKENIZER.sentinel_id(0), TOKENIZER.sentinel_id(1), TOKENIZER.eos_id
+  assert inputs.tolist() == [10, 11, s0, 14, 15, 16, s1, 18, 19, eos]
+  assert targets.tolist() == [s0, 12, 13, s1, 17, eos]
+
+
+def test_segment_positions():
+  segments = np.array([1, 1, 1, 2, 3, 3, 0, 0])
+  assert preprocessing.segment_positions(segments).tolist() == [0, 1, 2, 0, 0, 1, 0, 1]
+
+
+def test_packed_decoder_features_by_hand():
+  tokens = np.array([5, 6, 7, 1, 8, 9, 0, 0])
+  segments = np.array([1, 1, 1, 1, 2, 2, 0, 0])
+  features = preprocessing.packed_decoder_features(tokens, segments)
+  assert features['decoder_target_tokens'].tolist() == [5, 6, 7, 1, 8, 9, 0, 0]
+  # Each segment's inputs start from 0 and never see the previous segment.
+  assert features['decoder_input_tokens'].tolist() == [0, 5, 6, 7, 0, 8, 0, 0]
+  assert features['decoder_positions'].tolist() == [0, 1, 2, 3, 0, 1, 0, 0]
+  assert features['decoder_segment_ids'].tolist() == segments.tolist()
+  assert features['decoder_loss_weights'].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+  assert 'decoder_causal_attention' not in features
+
+  prefix = np.array([2, 2, 2, 2, 1, 1, 0, 0])
+  features = preprocessing.packed_decoder_features(tokens, segments, prefix)
+  # Prefix tokens are inputs, not predicted; the prefix and the first target position (whose
+  # input is the last prefix token) see each other.
+  assert features['decoder_loss_weights'].tolist() == [0, 0, 1, 1, 0, 1, 0, 0]
+  assert features['decoder_causal_attention'].tolist() == [1, 1, 1, 0, 1, 1, 0, 0]
+
+
+def test_random_prefix_lengths():
+  rng = np.random.default_rng(0)
+  segments = np.repeat(np.arange(1, 5), [6, 1, 2, 9])
+  draws = np.array([preprocessing.random_prefix_lengths(segments, rng) for _ in range(2000)])
+  for segment, length in zip(range(1, 5), [6, 1, 2, 9]):
+    per_segment = draws[:, segments == segment]
+    assert (per_segment == per_segment[:, :1]).all()  # one prefix length per segment
+    if length == 1:
+      assert (per_segment == 0).all()
+    else:  # uniform over 1 .. length - 1
+      counts = np.bincount(per_segment[:, 0], minlength=length)[1:]
+      assert counts.min() > 0.7 * 2000 / (length - 1)
+
+
+@pytest.mark.parametrize('n, inputs_length, targets_length', [(127, 128, 128), (127, 128, 32),
+                                                              (2, 8, 8)])
+def test_prefix_lm_split(n, inputs_length, targets_length):
+  rng = np.random.default_rng(0)
+  tokens = np.arange(3, 3 + n, dtype=np.int32)
+  cuts = set()
+  for _ in range(200):
+    inputs, targets = preprocessing.prefix_lm_split(tokens, rng, inputs_length, targets_length, 1)
+    assert inputs[-1] == 1 and targets[-1] == 1
+    np.testing.assert_array_equal(np.concatenate([inputs[:-1], targets[:-1]]), tokens)
+    assert 2 <= len(inputs) <= inputs_length and 2 <= len(targets) <= targets_length
+    cuts.add(len(inputs) - 1)
+  assert min(cuts) == max(1, n - targets_length + 1) or len(cuts) > 20

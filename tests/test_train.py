@@ -23,6 +23,7 @@ def test_training_lowers_loss_and_writes_outputs(data_dir, corpus, compile_cache
   first, last = records[0], records[-1]
   assert last['train/ce'] < first['train/ce'] - 0.5
   assert last['eval/ce'] < records[1]['eval/ce']
+  assert last['eval/neg_log_perplexity'] == -last['eval/ce']
   for key in ('train/loss', 'train/ce', 'train/load_balance', 'train/z_loss',
               'train/dropped_fraction', 'train/accuracy', 'train/grad_norm',
               'train/param_norm', 'train/update_norm', 'train/learning_rate',
