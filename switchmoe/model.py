@@ -109,6 +109,10 @@ class Stack(nnx.Module):
   def __call__(self, x_BxLxD, *, self_mask, encoded=None, cross_mask=None, name: str,
                deterministic: bool, rngs: nnx.Rngs | None):
     length = x_BxLxD.shape[1]
+    # Indices, not the batch's *_positions: within a packed segment (contiguous positions)
+    # key_index - query_index == key_position - query_position, and self_mask hides keys of
+    # other segments, so this bias_1xHxLxK is exact without a per-example [B, H, L, K] one
+    # (B times the memory).
     bias = self.rel_bias(length, length)
     aux = {}
     x_BxLxD = dropout(x_BxLxD, self.dropout_rate, rngs, deterministic)
@@ -121,13 +125,33 @@ class Stack(nnx.Module):
     return dropout(x_BxLxD, self.dropout_rate, rngs, deterministic), aux
 
 
-def attention_mask(query_valid_BxL, key_valid_BxK, causal: bool) -> jax.Array:
-  """mask_Bx1xLxK: True where a query may attend to a key."""
-  mask = query_valid_BxL[:, None, :, None] & key_valid_BxK[:, None, None, :]
+def attention_mask(query_segments_BxL, key_segments_BxK, *, causal: bool = False,
+                   prefix_BxL=None) -> jax.Array:
+  """mask_Bx1xLxK: True where a query may attend to a key.
+
+  query_segments_BxL, key_segments_BxK: int segment ids (1, 2, ... per packed example,
+  0 = padding); a query attends only to keys of its own segment. An unpacked row is one
+  segment: 1 on its real tokens.
+  causal: self-attention (L = K) where a query sees no later key, except that positions with
+  prefix_BxL > 0 (int, a prefix LM's ``decoder_causal_attention``) see each other within
+  their segment.
+  """
+  q_BxLx1, k_Bx1xK = query_segments_BxL[:, :, None], key_segments_BxK[:, None, :]
+  mask_BxLxK = (q_BxLx1 == k_Bx1xK) & (q_BxLx1 > 0)
   if causal:
-    length = query_valid_BxL.shape[1]
-    mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
-  return mask
+    length = query_segments_BxL.shape[1]
+    visible = jnp.tril(jnp.ones((length, length), bool))[None]
+    if prefix_BxL is not None:
+      in_prefix_BxL = prefix_BxL > 0
+      visible = visible | (in_prefix_BxL[:, :, None] & in_prefix_BxL[:, None, :])
+    mask_BxLxK = mask_BxLxK & visible
+  return mask_BxLxK[:, None]
+
+
+def segment_ids(batch: Batch, stack: str, tokens_BxL: jax.Array) -> jax.Array:
+  """segments_BxL: the batch's ``<stack>_segment_ids``, or one segment on tokens > 0."""
+  segments_BxL = batch.get(f'{stack}_segment_ids')
+  return (tokens_BxL > 0).astype(jnp.int32) if segments_BxL is None else segments_BxL
 
 
 class LanguageModel(nnx.Module):
@@ -136,6 +160,16 @@ class LanguageModel(nnx.Module):
   Batch keys: ``decoder_input_tokens`` and ``decoder_target_tokens`` int32 [B, Lt] (targets
   > 0 mark real tokens; the decoder input starts with 0), and for the encoder-decoder
   ``encoder_input_tokens`` int32 [B, Li] (0 = padding).
+
+  Optional keys for packed rows (t5x names), each absent key keeping the unpacked behaviour:
+  ``decoder_segment_ids`` int32 [B, Lt] and ``encoder_segment_ids`` int32 [B, Li]: 1, 2, ...
+  per packed example, 0 = padding; they replace tokens > 0 as validity, attention stays within
+  a segment, and cross-attention too when both are given. ``decoder_positions`` int32
+  [B, Lt] and ``encoder_positions`` int32 [B, Li]: 0, 1, ... restarting in each segment;
+  accepted but unused, since relative position buckets from indices equal those from
+  contiguous positions inside a segment (see `Stack`). ``decoder_causal_attention`` int32
+  [B, Lt] (decoder-only prefix LM): 1 on the positions whose decoder input is the start token
+  or a prefix token; these attend to each other bidirectionally, all else is causal.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -156,20 +190,27 @@ class LanguageModel(nnx.Module):
   def __call__(self, batch: Batch, *, deterministic: bool, rngs: nnx.Rngs | None = None
                ) -> tuple[jax.Array, dict]:
     """Returns (logits_BxLtxV in float32, aux)."""
-    targets_BxLt = batch['decoder_target_tokens']
-    target_valid = targets_BxLt > 0
+    decoder_segments_BxLt = segment_ids(batch, 'decoder', batch['decoder_target_tokens'])
     aux, encoded, cross_mask = {}, None, None
     if self.encoder is not None:
       inputs_BxLi = batch['encoder_input_tokens']
-      input_valid = inputs_BxLi > 0
+      encoder_segments_BxLi = segment_ids(batch, 'encoder', inputs_BxLi)
       encoded, aux = self.encoder(
-          self.embed(inputs_BxLi), self_mask=attention_mask(input_valid, input_valid, False),
+          self.embed(inputs_BxLi),
+          self_mask=attention_mask(encoder_segments_BxLi, encoder_segments_BxLi),
           name='encoder', deterministic=deterministic, rngs=rngs)
-      cross_mask = attention_mask(target_valid, input_valid, False)
+      if 'encoder_segment_ids' in batch and 'decoder_segment_ids' in batch:
+        cross_mask = attention_mask(decoder_segments_BxLt, encoder_segments_BxLi)
+      else:  # segment numbers of one side mean nothing to the other: validity only
+        one_segment = lambda segments: (segments > 0).astype(jnp.int32)
+        cross_mask = attention_mask(one_segment(decoder_segments_BxLt),
+                                    one_segment(encoder_segments_BxLi))
     x_BxLtxD, decoder_aux = self.decoder(
         self.embed(batch['decoder_input_tokens']),
-        self_mask=attention_mask(target_valid, target_valid, True), encoded=encoded,
-        cross_mask=cross_mask, name='decoder', deterministic=deterministic, rngs=rngs)
+        self_mask=attention_mask(decoder_segments_BxLt, decoder_segments_BxLt, causal=True,
+                                 prefix_BxL=batch.get('decoder_causal_attention')),
+        encoded=encoded, cross_mask=cross_mask, name='decoder', deterministic=deterministic,
+        rngs=rngs)
     if self.logits_kernel is None:
       # Tied embeddings: rescale as T5 does, since the embedding was drawn with std ~ 1.
       logits = self.embed.attend(x_BxLtxD) / jnp.sqrt(self.d_model).astype(self.dtype)
