@@ -6,7 +6,7 @@ generator from (seed, example index) reproduces the same examples after a checkp
 
 import numpy as np
 
-from switchmoe.tokenizer import ByteTokenizer
+from switchmoe.tokenizer import Tokenizer
 
 
 def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,7 +78,7 @@ def random_spans_helper(
 
 def span_corruption(
     tokens_L: np.ndarray,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     rng: np.random.Generator,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
