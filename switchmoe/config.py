@@ -119,6 +119,9 @@ def base_size(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   d_model 768, GEGLU d_ff 2048, 12 heads of 64, 12 + 12 layers; span corruption at
   512 / 114 tokens; Adafactor, 10k constant warmup at 0.01 then 1/sqrt decay; bfloat16.
+  The data stay the embedded corpus so the config runs anywhere; the paper's C4 and T5
+  vocabulary are ``--config.data.source=c4/en:3.0.1 --config.data.tokenizer=<t5 .model>``
+  with a prepared ``data.data_dir`` (README, Data).
   """
   m = c.model
   m.vocab_size = 32128         # T5's SentencePiece vocabulary size (padded)

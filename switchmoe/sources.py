@@ -262,7 +262,8 @@ class SwitchmoeFiles(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=f'{self.__doc__}\nFiles: {", ".join(self.builder_config.files)}',
-        features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
+        # Stored under the field name it was read from, so data.text_field reads it back.
+        features=tfds.features.FeaturesDict({self.builder_config.text_field: tfds.features.Text()}),
     )
 
   def _split_generators(self, dl_manager):
@@ -284,7 +285,7 @@ class SwitchmoeFiles(tfds.core.GeneratorBasedBuilder):
       for i, document in enumerate(file_documents(path, self.builder_config.text_field)):
         key = f'{path}:{i}'
         if (key in validation) == is_validation:
-          yield key, {'text': document}
+          yield key, {self.builder_config.text_field: document}
 
 
 def files_builder(files: str, text_field: str, dataset_name: str,

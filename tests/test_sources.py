@@ -248,3 +248,12 @@ def test_missing_registered_dataset(tmp_path, name):
   assert message.startswith(f'data.source={name!r}: no prepared TFDS dataset')
   assert str(tmp_path / name.replace(':', '/')) in message
   assert f'tfds build {name} --data_dir={tmp_path} --file_format=array_record' in message
+
+
+def test_files_with_another_text_field(tmp_path):
+  (tmp_path / 'corpus').mkdir()
+  lines = [json.dumps({'body': f'text {i}', 'text': 'not this'}) for i in range(5)]
+  (tmp_path / 'corpus' / 'a.jsonl').write_text('\n'.join(lines))
+  config = files_config(tmp_path / 'tfds', str(tmp_path / 'corpus' / '*'), text_field='body')
+  texts = list(data.iter_texts(config, 'train')) + list(data.iter_texts(config, 'validation'))
+  assert sorted(texts) == [f'text {i}' for i in range(5)]
