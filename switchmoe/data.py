@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 from absl import flags
-from grain.experimental import WindowShuffleIterDataset
+from grain.experimental import ThreadPrefetchIterDataset, WindowShuffleIterDataset
 
 from switchmoe import preprocessing
 from switchmoe import sources
@@ -33,6 +33,7 @@ _ROW_SHUFFLE_WINDOW = 1024
 # Thread prefetching in the reading process; grain's default (16 threads, 500 elements) would
 # compute hundreds of batches ahead of a short run.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+_PREFETCH_BATCHES = 4
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -215,15 +216,19 @@ def make_train_iterator(config, *, batch_size: int, process_index: int = 0, proc
       decoder_target_tokens int32 and decoder_loss_weights float32 [B, Lt].
     decoder: the three decoder_* arrays plus decoder_segment_ids and decoder_positions int32
       [B, Lt] from packed documents, and for prefix_lm decoder_causal_attention int32 [B, Lt].
-  With data.num_workers > 0 tokenizing runs in that many grain worker processes (close the
-  iterator when done); batches equal those of num_workers = 0 but states are not interchangeable.
+  A background thread keeps up to 4 batches ready (close the iterator when done); with
+  data.num_workers > 0 tokenizing runs in that many grain worker processes too. Batches equal
+  those of num_workers = 0 but states are not interchangeable.
   """
   _check_config(config)
   shuffle_seed, row_seed, example_seed = _derived_seeds(config.seed, process_index, 3)
   source = sources.open_split(config, config.data.train_split)
   documents = _process_slice(source, process_index, process_count).shuffle(seed=shuffle_seed)
-  return iter(_batches(documents, config, row_seed=row_seed, example_seed=example_seed,
-                       batch_size=batch_size, num_workers=config.data.num_workers))
+  batches = _batches(documents, config, row_seed=row_seed, example_seed=example_seed,
+                     batch_size=batch_size, num_workers=config.data.num_workers)
+  # A thread prepares the next batches while the accelerator runs the current step; without it
+  # the step waits whenever a row-shuffle window refills (every ~1024 rows).
+  return iter(ThreadPrefetchIterDataset(batches, prefetch_buffer_size=_PREFETCH_BATCHES))
 
 
 def make_eval_batches(
