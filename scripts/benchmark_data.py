@@ -18,7 +18,6 @@ Timings on a machine shared with other work are noisy: run it twice before drawi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,25 +27,15 @@ import time
 import grain
 import numpy as np
 
-from switchmoe import config as config_lib
 from switchmoe import data as data_lib
 from switchmoe import sources
-from switchmoe.main import apply_overrides
+from switchmoe.main import load_config
 from switchmoe.tokenizer import make_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ('read', 'tokenize', 'pack', 'objective', 'batch')
 STAGE_BATCHES = 20
 
-
-def load_config(path: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location('benchmark_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  apply_overrides(config, overrides)
-  config_lib.validate(config)
-  return config
 
 
 def progress(message: str) -> None:

@@ -16,31 +16,20 @@ a one-line error for a bad flag, field, output path or a vocabulary the text can
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator
 
-from switchmoe import config as config_lib
 from switchmoe import data as data_lib
 from switchmoe import tokenizer as tokenizer_lib
-from switchmoe.main import apply_overrides
+from switchmoe.main import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Embedding tables are padded to a multiple of this (TPU-friendly, as T5's 32128).
 VOCAB_MULTIPLE = 128
 PROGRESS_EVERY = 1000
 
-
-def load_config(path: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location('tokenizer_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  apply_overrides(config, overrides)
-  config_lib.validate(config)
-  return config
 
 
 def progress(message: str) -> None:

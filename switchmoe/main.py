@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.util
+import os
 import re
 import sys
 
@@ -52,6 +54,22 @@ def unknown_override(argv: list[str]) -> str | None:
         return config_lib.unknown_field_message(where, match.group(2), known)
       node = node[key]
   return None
+
+
+def load_config(path: str, overrides: list[str]):
+  """The config of a config file's ``get_config()`` with ``--config.*`` overrides, validated.
+
+  For scripts that parse their own flags; ValueError names a missing file or a bad field.
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f'--config={path}: no such config file')
+  spec = importlib.util.spec_from_file_location('switchmoe_config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  apply_overrides(config, overrides)
+  config_lib.validate(config)
+  return config
 
 
 def apply_overrides(config, args: list[str]) -> None:
