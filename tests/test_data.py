@@ -40,6 +40,16 @@ def assert_batches_equal(batches_a, batches_b):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def assert_resumes_exactly(config, iterator, num_batches):
+  """A fresh iterator restored from ``iterator``'s (JSON round-tripped) state yields its next
+  ``num_batches`` batches."""
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = take(iterator, num_batches)
+  restored = data.make_train_iterator(config, batch_size=len(expected[0]['decoder_input_tokens']))
+  restored.set_state(state)
+  assert_batches_equal(take(restored, num_batches), expected)
+
+
 def batches_differ(batches_a, batches_b):
   return any(not np.array_equal(a[k], b[k]) for a, b in zip(batches_a, batches_b) for k in a)
 
@@ -96,12 +106,7 @@ def test_train_iterator_checkpoint_restore(data_dir, corpus, arch):
   config = make_config(data_dir, arch)
   iterator = data.make_train_iterator(config, batch_size=4)
   take(iterator, 5)
-  state = json.loads(json.dumps(iterator.get_state()))
-  expected = take(iterator, 4)
-
-  restored = data.make_train_iterator(config, batch_size=4)
-  restored.set_state(state)
-  assert_batches_equal(take(restored, 4), expected)
+  assert_resumes_exactly(config, iterator, 4)
 
 
 def test_decoder_checkpoint_across_row_shuffle_windows(data_dir, corpus):
@@ -110,11 +115,7 @@ def test_decoder_checkpoint_across_row_shuffle_windows(data_dir, corpus):
   config = make_config(data_dir, 'decoder')
   iterator = data.make_train_iterator(config, batch_size=4)
   take(iterator, 300)
-  state = json.loads(json.dumps(iterator.get_state()))
-  expected = take(iterator, 3)
-  restored = data.make_train_iterator(config, batch_size=4)
-  restored.set_state(state)
-  assert_batches_equal(take(restored, 3), expected)
+  assert_resumes_exactly(config, iterator, 3)
 
 
 def test_packed_rows_concatenate_and_restore_anywhere():
@@ -258,11 +259,7 @@ def test_decoder_prefix_lm_batches(data_dir, corpus):
         np.testing.assert_array_equal(weights, np.arange(len(weights)) >= prefix)
         np.testing.assert_array_equal(bidirectional, np.arange(len(weights)) <= prefix)
         assert prefix >= 1 or len(weights) == 1
-  state = json.loads(json.dumps(iterator.get_state()))
-  expected = take(iterator, 2)
-  restored = data.make_train_iterator(config, batch_size=4)
-  restored.set_state(state)
-  assert_batches_equal(take(restored, 2), expected)
+  assert_resumes_exactly(config, iterator, 2)
 
 
 def test_encoder_decoder_prefix_lm_batches(data_dir, corpus):
