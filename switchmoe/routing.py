@@ -12,7 +12,9 @@ Routers (config ``model.moe.router``):
   before any second choice; optional random second-expert policy.
 - ``experts_choose``: each expert takes its top-C tokens (Zhou et al. 2022); K = E.
 Tokens-choose routers can use batch-prioritized routing (V-MoE BPR): tokens with a higher top
-gate take capacity first, instead of sequence order.
+gate take capacity first, instead of sequence order. They can also balance without an aux loss
+(Wang et al. 2024, DeepSeek-V3): a per-expert bias b_E, added to the probabilities only to
+choose experts, moves after each training step toward an even load (`balance_bias`).
 
 Shape suffixes: G groups, S tokens per group, D d_model, E experts, K choices per token,
 C capacity (slots per expert per group).
@@ -43,11 +45,14 @@ class Routing:
   gate_GxSxK: float32 combine weight of each choice, zero where not kept.
   position_GxSxK: int32 slot inside the chosen expert's buffer; meaningful only where kept.
   kept_GxSxK: bool, the choice was made and fits under capacity.
+  selected_GxSxK: int32 expert the router selected, before capacity; differs from
+    expert_index only where no-token-left-behind re-routed an overflowing choice.
   """
   expert_index_GxSxK: jax.Array
   gate_GxSxK: jax.Array
   position_GxSxK: jax.Array
   kept_GxSxK: jax.Array
+  selected_GxSxK: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +132,35 @@ def router_z_loss(logits_GxSxE: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_GxSxE, axis=-1)))
 
 
+def balance_bias(bias_E: jax.Array, selected_E: jax.Array, rate: float) -> jax.Array:
+  """One auxiliary-loss-free balancing step (Wang et al. 2024): b_i += rate * sign(mean load
+  - load_i), so under-loaded experts become more attractive. ``selected_E``: each expert's load
+  (count or fraction of the choices that selected it, before capacity)."""
+  return bias_E + rate * jnp.sign(jnp.mean(selected_E) - selected_E).astype(bias_E.dtype)
+
+
+class ExpertBias(nnx.Variable):
+  """The balancing bias b_E: model state that steers expert selection, never a trained
+  parameter (no gradient reaches it and the optimizer never sees it)."""
+
+
 class Router(nnx.Module):
-  """Linear router without bias, computed in ``dtype`` (float32: SW selective precision).
+  """Linear router without a logit bias, computed in ``dtype`` (float32: SW selective
+  precision).
 
   In training, ``jitter`` > 0 multiplies the input by Uniform[1 - jitter, 1 + jitter] (SW
-  App. C) and ``input_dropout`` > 0 applies dropout to it (SW Table 11).
+  App. C) and ``input_dropout`` > 0 applies dropout to it (SW Table 11). With
+  ``expert_bias`` the router also holds the aux-loss-free balancing bias ``expert_bias``
+  (float32 [E], zeros at init), which `route` adds to the probabilities to choose experts.
   """
 
   def __init__(self, dim: int, num_experts: int, *, init_scale: float, jitter: float,
-               input_dropout: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               input_dropout: float = 0.0, dtype=jnp.float32, expert_bias: bool = False,
+               rngs: nnx.Rngs):
     # Replicated: the router is tiny and every token needs all of it.
     self.kernel = init_param(rngs, (dim, num_experts), ('embed', None), init_scale)
+    self.expert_bias = (ExpertBias(jnp.zeros((num_experts,), jnp.float32), logical_axes=(None,))
+                        if expert_bias else None)
     self.jitter, self.input_dropout, self.dtype = jitter, input_dropout, dtype
 
   def __call__(self, x_GxSxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None
@@ -155,27 +178,38 @@ class Router(nnx.Module):
     return logits_GxSxE, jax.nn.softmax(logits_GxSxE, axis=-1)
 
 
-def _routing(expert_index, gate, position, kept) -> Routing:
-  return Routing(expert_index_GxSxK=expert_index.astype(jnp.int32),
+def _routing(expert_index, gate, position, kept, selected=None) -> Routing:
+  expert_index = expert_index.astype(jnp.int32)
+  return Routing(expert_index_GxSxK=expert_index,
                  gate_GxSxK=jnp.where(kept, gate, 0.0).astype(jnp.float32),
-                 position_GxSxK=position.astype(jnp.int32), kept_GxSxK=kept)
+                 position_GxSxK=position.astype(jnp.int32), kept_GxSxK=kept,
+                 selected_GxSxK=expert_index if selected is None else selected.astype(jnp.int32))
+
+
+def _selection_scores(probs_GxSxE: jax.Array, bias_E: jax.Array | None) -> jax.Array:
+  """What tokens-choose routers rank experts by: the probabilities, plus the balancing bias
+  if any. Gates always come from the probabilities alone."""
+  return probs_GxSxE if bias_E is None else probs_GxSxE + bias_E
 
 
 def switch_top1(probs_GxSxE: jax.Array, capacity: int, *, priority_GxS: jax.Array | None = None,
-                ntlb_rounds: int = 0, expert_index_GxS: jax.Array | None = None) -> Routing:
+                ntlb_rounds: int = 0, expert_index_GxS: jax.Array | None = None,
+                bias_E: jax.Array | None = None) -> Routing:
   """Switch routing: each token goes to its top expert, gated by that probability.
 
   ``expert_index_GxS`` overrides the argmax (exploration by sampling). With ``ntlb_rounds``
   (no-token-left-behind, SW App. B), tokens over capacity try their next-best expert with
-  room, one rank further per round.
+  room, one rank further per round. ``bias_E`` (aux-loss-free balancing) shifts which expert
+  is top, not the gate.
   """
   num_experts = probs_GxSxE.shape[-1]
+  scores_GxSxE = _selection_scores(probs_GxSxE, bias_E)
   if expert_index_GxS is None:
-    expert_index_GxS = jnp.argmax(probs_GxSxE, axis=-1)
-  expert = expert_index_GxS[..., None]
+    expert_index_GxS = jnp.argmax(scores_GxSxE, axis=-1)
+  expert = selected = expert_index_GxS[..., None]
   position, kept = assign_slots(expert, num_experts, capacity, priority_GxS=priority_GxS)
   if ntlb_rounds:
-    ranked_GxSxE = jnp.argsort(-probs_GxSxE, axis=-1)
+    ranked_GxSxE = jnp.argsort(-scores_GxSxE, axis=-1)
     for r in range(1, min(ntlb_rounds, num_experts - 1) + 1):
       used_GxE = jnp.sum(jax.nn.one_hot(expert[..., 0], num_experts, dtype=jnp.int32) *
                          kept, axis=1)
@@ -186,18 +220,21 @@ def switch_top1(probs_GxSxE: jax.Array, capacity: int, *, priority_GxS: jax.Arra
       position = jnp.where(new_kept, new_position, position)
       kept = kept | new_kept
   gate = jnp.take_along_axis(probs_GxSxE, expert, axis=-1)
-  return _routing(expert, gate, position, kept)
+  return _routing(expert, gate, position, kept, selected)
 
 
 def top_k(probs_GxSxE: jax.Array, capacity: int, k: int, *, renormalize: bool,
           second_policy: str = 'all', second_threshold: float = 0.2,
-          rng: jax.Array | None = None, priority_GxS: jax.Array | None = None) -> Routing:
+          rng: jax.Array | None = None, priority_GxS: jax.Array | None = None,
+          bias_E: jax.Array | None = None) -> Routing:
   """Tokens choose their k most probable experts; first choices are served first.
 
   ``second_policy='random'`` (Mesh TF): the second choice is made only with probability
-  min(1, g2 / threshold), g2 its (renormalized) gate; it needs ``rng``.
+  min(1, g2 / threshold), g2 its (renormalized) gate; it needs ``rng``. ``bias_E``
+  (aux-loss-free balancing) changes which k experts are chosen, not their gates.
   """
-  gate_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, k)
+  _, expert_GxSxK = jax.lax.top_k(_selection_scores(probs_GxSxE, bias_E), k)
+  gate_GxSxK = jnp.take_along_axis(probs_GxSxE, expert_GxSxK, axis=-1)
   if renormalize:
     gate_GxSxK = gate_GxSxK / jnp.sum(gate_GxSxK, axis=-1, keepdims=True)
   valid = jnp.ones(expert_GxSxK.shape, bool)
@@ -229,8 +266,13 @@ def experts_choose(probs_GxSxE: jax.Array, capacity: int) -> Routing:
 
 
 def route(logits_GxSxE: jax.Array, probs_GxSxE: jax.Array, capacity: int,
-          options: RoutingOptions, *, deterministic: bool, rngs: nnx.Rngs | None) -> Routing:
-  """Applies the configured router to float32 router outputs."""
+          options: RoutingOptions, *, deterministic: bool, rngs: nnx.Rngs | None,
+          bias_E: jax.Array | None = None) -> Routing:
+  """Applies the configured router to float32 router outputs.
+
+  ``bias_E``: the aux-loss-free balancing bias of a tokens-choose router. BPR priority stays
+  the top gate: for top-1, a per-expert constant could not reorder one expert's queue anyway.
+  """
   o = options
   priority = jnp.max(probs_GxSxE, axis=-1) if o.batch_prioritized else None
   if o.router == 'experts_choose':
@@ -241,10 +283,11 @@ def route(logits_GxSxE: jax.Array, probs_GxSxE: jax.Array, capacity: int,
       rng = draw_key(rngs, 'second_expert', 'model.moe.second_policy="random"')
     return top_k(probs_GxSxE, capacity, o.num_selected, renormalize=o.renormalize_gates,
                  second_policy=o.second_policy if not deterministic else 'all',
-                 second_threshold=o.second_threshold, rng=rng, priority_GxS=priority)
+                 second_threshold=o.second_threshold, rng=rng, priority_GxS=priority,
+                 bias_E=bias_E)
   sampled = None
   if o.exploration == 'sample_softmax' and not deterministic:
     key = draw_key(rngs, 'router_sample', 'model.moe.exploration="sample_softmax"')
     sampled = jax.random.categorical(key, logits_GxSxE, axis=-1)
   return switch_top1(probs_GxSxE, capacity, priority_GxS=priority, ntlb_rounds=o.ntlb_rounds,
-                     expert_index_GxS=sampled)
+                     expert_index_GxS=sampled, bias_E=bias_E)

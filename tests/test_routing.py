@@ -215,3 +215,86 @@ def test_router_logits_and_probs():
   ref_p /= ref_p.sum(-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(probs), ref_p, rtol=1e-5, atol=1e-7)
   assert logits.dtype == probs.dtype == jnp.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Auxiliary-loss-free balancing
+
+
+def test_balance_bias_step_hand_computed():
+  # Loads 4, 2, 2, 0 (mean 2): the busy expert steps down, the idle one up, the rest stay.
+  bias = jnp.array([0.5, 0.0, -0.25, 0.0], jnp.float32)
+  new = routing.balance_bias(bias, jnp.array([4.0, 2.0, 2.0, 0.0]), 0.125)
+  np.testing.assert_array_equal(np.asarray(new), [0.375, 0.0, -0.25, 0.125])
+  # Only the sign of the imbalance counts: fractions give the same step as counts.
+  np.testing.assert_array_equal(
+      np.asarray(routing.balance_bias(bias, jnp.array([0.5, 0.25, 0.25, 0.0]), 0.125)),
+      np.asarray(new))
+
+
+def _imbalanced_probs(seed=0, g=4, s=64, e=4):
+  """Router probabilities that favour expert 0 for nearly every token."""
+  logits = np.random.RandomState(seed).randn(g, s, e)
+  logits[..., 0] += 3.0
+  return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+
+def _expected_gates(probs, r, renormalize):
+  """Gates as the router gives them for r's selection: unbiased probabilities."""
+  gate = jnp.take_along_axis(probs, r.expert_index_GxSxK, axis=-1)
+  if renormalize:
+    gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+  return jnp.where(r.kept_GxSxK, gate, 0.0)
+
+
+@pytest.mark.parametrize('router', ['switch', 'topk'])
+def test_bias_updates_balance_an_imbalanced_router_without_touching_gates(router):
+  from switchmoe.moe import router_stats
+  probs = _imbalanced_probs()
+  logits = jnp.log(probs)
+  g, s, e = probs.shape
+  options = routing.RoutingOptions(router=router, num_selected=2)
+  k = 2 if router == 'topk' else 1
+  capacity = s * k  # nothing dropped: the kept load is the selected load
+
+  def step(bias_E, _):
+    r = routing.route(logits, probs, capacity, options, deterministic=True, rngs=None,
+                      bias_E=bias_E)
+    selected_E = jnp.mean(jax.nn.one_hot(r.selected_GxSxK, e), axis=(0, 1, 2))
+    gate_error = jnp.max(jnp.abs(r.gate_GxSxK - _expected_gates(probs, r, router == 'topk')))
+    cv = router_stats(logits, probs, r)['load_cv']
+    return routing.balance_bias(bias_E, selected_E, 0.002), (cv, gate_error)
+
+  bias, (cv, gate_error) = jax.jit(lambda b: jax.lax.scan(step, b, None, length=300))(
+      jnp.zeros((e,), jnp.float32))
+  cv, gate_error = np.asarray(cv), np.asarray(gate_error)
+  assert cv[0] > (1.0 if k == 1 else 0.5)          # nearly everything on expert 0 at first
+  assert cv[-50:].max() < 0.1 * cv[0]              # then balanced, and it stays balanced
+  assert np.all(gate_error == 0.0)                 # gates never saw the bias
+  bias = np.asarray(bias)
+  assert bias[0] == bias.min() < 0                 # the favourite was made less attractive
+  # Same routing without the bias: identical gates where a token kept its expert.
+  r0 = routing.route(logits, probs, capacity, options, deterministic=True, rngs=None)
+  r1 = routing.route(logits, probs, capacity, options, deterministic=True, rngs=None,
+                     bias_E=jnp.asarray(bias))
+  same = np.asarray(r0.expert_index_GxSxK == r1.expert_index_GxSxK).all(-1)
+  assert 0 < same.mean() < 1
+  np.testing.assert_array_equal(np.asarray(r0.gate_GxSxK)[same], np.asarray(r1.gate_GxSxK)[same])
+
+
+@pytest.mark.parametrize('router, ntlb', [('switch', 0), ('switch', 1), ('topk', 0)])
+def test_zero_bias_routes_exactly_as_no_bias(router, ntlb):
+  probs = _imbalanced_probs(1)
+  options = routing.RoutingOptions(router=router, ntlb_rounds=ntlb)
+  route = lambda bias: routing.route(jnp.log(probs), probs, 16, options, deterministic=True,
+                                     rngs=None, bias_E=bias)
+  jax.tree.map(np.testing.assert_array_equal, route(None), route(jnp.zeros((4,), jnp.float32)))
+
+
+def test_selected_is_the_choice_before_ntlb_rerouting():
+  # Every token prefers expert 0; with capacity 2 NTLB moves the overflow elsewhere, but the
+  # router's selection (what the bias balances) is still expert 0.
+  probs = jnp.asarray(np.tile([0.7, 0.2, 0.1], (1, 6, 1)), jnp.float32)
+  r = routing.switch_top1(probs, 2, ntlb_rounds=2)
+  np.testing.assert_array_equal(np.asarray(r.selected_GxSxK)[0, :, 0], 0)
+  np.testing.assert_array_equal(np.asarray(r.expert_index_GxSxK)[0, :, 0], [0, 0, 1, 1, 2, 2])
