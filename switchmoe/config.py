@@ -66,6 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.router_input_dropout = 0.1  # rate for exploration='input_dropout'
   e.importance_loss = 0.0      # GShard / V-MoE importance loss weight
   e.dispatch = 'einsum'        # 'einsum' | 'gather' | 'dropless' (grouped matmul, no capacity)
+  e.bias_update_rate = 0.0     # aux-loss-free balancing: bias step per train step (DeepSeek 0.001)
+  e.num_shared_experts = 0     # always-on experts per Switch layer (DeepSeekMoE); 0 = none
 
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'          # 'stdlib' (embedded corpus) | 'files' | a TFDS name, 'c4/en:3.0.1'
@@ -178,6 +180,15 @@ def _validate_routing(e: ml_collections.ConfigDict, arch: str) -> None:
   if e.exploration == 'input_dropout' and not 0 < e.router_input_dropout < 1:
     raise ValueError(f'model.moe.router_input_dropout={e.router_input_dropout}: must be in '
                      '(0, 1) for exploration="input_dropout"')
+  _at_least('model.moe.bias_update_rate', e.bias_update_rate, 0)
+  _at_least('model.moe.num_shared_experts', e.num_shared_experts, 0)
+  if e.bias_update_rate and e.router == 'experts_choose':
+    raise ValueError(f'model.moe.bias_update_rate={e.bias_update_rate}: only for tokens-choose '
+                     'routers (switch, topk)')
+  if e.bias_update_rate and e.exploration == 'sample_softmax':
+    raise ValueError(f'model.moe.bias_update_rate={e.bias_update_rate}: the bias steers the '
+                     'argmax, which exploration="sample_softmax" replaces; use another '
+                     'exploration')
 
 
 def unknown_field_message(path: str, value, known) -> str:

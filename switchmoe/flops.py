@@ -10,7 +10,8 @@ d = d_model, h = num_heads * d_kv, f = d_ff, V = vocab_size, E = num_experts:
   attention scores and values:  2 * 2 * L_keys * h per query token (causal masks included)
   cross-attention:              q, out on decoder tokens; k, v on encoder tokens, per layer
   Switch layer:                 router 2 * d * E, plus the FFN of the experts a token uses:
-                                k for top-k and dropless, capacity_factor for experts_choose;
+                                k for top-k and dropless, capacity_factor for experts_choose,
+                                plus num_shared_experts always-on experts for every token;
                                 capacity padding and dropped tokens are not subtracted, the
                                 dispatch and combine einsums not added: only active compute
   logits:                       2 * d * V per decoder token
@@ -63,7 +64,7 @@ def _stack_flops(m: ml_collections.ConfigDict, num_layers: int, tokens: int, len
   """Forward FLOPs of one stack over ``tokens`` tokens (rows of ``length``)."""
   d, h, f = m.d_model, m.num_heads * m.d_kv, m.d_ff
   ffn = 2 * ((2 if m.ffn_activation == 'geglu' else 1) + 1) * d * f
-  moe = 2 * d * m.moe.num_experts + experts_per_token(m.moe) * ffn
+  moe = 2 * d * m.moe.num_experts + (experts_per_token(m.moe) + m.moe.num_shared_experts) * ffn
   total = 0.0
   for i in range(num_layers):
     per_token = 2 * 4 * d * h + 2 * 2 * length * h

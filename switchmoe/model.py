@@ -65,7 +65,9 @@ class Block(nnx.Module):
                           router_dtype=jnp.dtype(m.router_dtype),
                           importance_loss=m.importance_loss,
                           router_input_dropout=m.router_input_dropout, dispatch=m.dispatch,
-                          options=routing_options(m, causal=causal), rngs=rngs)
+                          options=routing_options(m, causal=causal),
+                          num_shared_experts=m.num_shared_experts,
+                          expert_bias=m.bias_update_rate > 0, rngs=rngs)
     else:
       self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.ffn_activation,
                              init_scale=cfg.init_scale, dropout_rate=cfg.dropout_rate,
@@ -120,9 +122,18 @@ class Stack(nnx.Module):
       x_BxLxD, stats = layer(x_BxLxD, self_mask=self_mask, self_bias=bias, encoded=encoded,
                              cross_mask=cross_mask, deterministic=deterministic, rngs=rngs)
       if stats is not None:
-        aux[f'{name}/layer_{i}'] = stats
+        aux[_aux_name(name, i)] = stats
     x_BxLxD = self.final_norm(x_BxLxD)
     return dropout(x_BxLxD, self.dropout_rate, rngs, deterministic), aux
+
+  def switch_layers(self, name: str) -> list[tuple[str, MoeLayer]]:
+    """(aux name, layer) of each Switch layer, named as in the ``aux`` that a call returns."""
+    return [(_aux_name(name, i), layer.ffn) for i, layer in enumerate(self.layers)
+            if layer.is_moe]
+
+
+def _aux_name(stack: str, index: int) -> str:
+  return f'{stack}/layer_{index}'
 
 
 def attention_mask(query_segments_BxL, key_segments_BxK, *, causal: bool = False,
@@ -218,6 +229,13 @@ class LanguageModel(nnx.Module):
       logits = jnp.einsum('bld,dv->blv', x_BxLtxD, self.logits_kernel[...].astype(self.dtype))
     logits = constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
     return logits, {**aux, **decoder_aux}
+
+  def balance_experts(self, aux: dict, rate: float | jax.Array) -> None:
+    """Aux-loss-free balancing, once per training step: every Switch layer's expert bias takes
+    a step of ``rate`` toward an even load of the selections in its ``aux`` stats."""
+    for name, stack in (('encoder', self.encoder), ('decoder', self.decoder)):
+      for key, layer in stack.switch_layers(name) if stack is not None else ():
+        layer.balance(aux[key], rate)
 
 
 def loss_and_metrics(model: LanguageModel, batch: Batch, *, deterministic: bool,

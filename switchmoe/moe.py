@@ -163,8 +163,15 @@ def router_stats(logits_GxSxE, probs_GxSxE, r: routing.Routing) -> dict[str, jax
 class MoeLayer(nnx.Module):
   """Sparse FFN layer (SW §2): a float32 router and E batched experts.
 
-  Call: x_BxLxD -> (y_BxLxD, stats). Tokens routed nowhere get y = 0, so the surrounding
-  residual connection carries them through unchanged.
+  Call: x_BxLxD -> (y_BxLxD, stats). Tokens routed nowhere get y = 0 (but for the shared
+  experts' output, if any), so the surrounding residual connection carries them through.
+
+  ``num_shared_experts`` > 0 (DeepSeekMoE) adds always-on experts that every token passes
+  through: y = shared(x) + routed(x). They are one dense FFN of width num_shared_experts *
+  hidden, the same function as that many separate FFNs of width ``hidden`` summed (their
+  hidden units just concatenate; only the init differs, wo's fan-in being the full width),
+  with dense-FFN logical axes ('embed', 'mlp').
+  ``expert_bias`` gives the router an aux-loss-free balancing bias (`balance`).
   """
 
   def __init__(self, dim: int, hidden: int, *, num_experts: int, group_size: int,
@@ -173,7 +180,8 @@ class MoeLayer(nnx.Module):
                activation: str, init_scale: float, expert_dropout: float, dtype,
                router_dtype=jnp.float32, importance_loss: float = 0.0,
                router_input_dropout: float = 0.0, dispatch: str = 'einsum',
-               options: routing.RoutingOptions = routing.RoutingOptions(), rngs: nnx.Rngs):
+               options: routing.RoutingOptions = routing.RoutingOptions(),
+               num_shared_experts: int = 0, expert_bias: bool = False, rngs: nnx.Rngs):
     if dispatch not in DISPATCHES:
       raise ValueError(f'model.moe.dispatch={dispatch!r}: expected one of {DISPATCHES}')
     if dispatch == 'dropless' and options.router == 'experts_choose':
@@ -181,10 +189,14 @@ class MoeLayer(nnx.Module):
                        'experts_choose is capacity-bound by definition')
     input_dropout = router_input_dropout if options.exploration == 'input_dropout' else 0.0
     self.router = routing.Router(dim, num_experts, init_scale=init_scale, jitter=jitter,
-                                 input_dropout=input_dropout, dtype=router_dtype, rngs=rngs)
+                                 input_dropout=input_dropout, dtype=router_dtype,
+                                 expert_bias=expert_bias, rngs=rngs)
     self.experts = FeedForward(dim, hidden, activation=activation, init_scale=init_scale,
                                dropout_rate=expert_dropout, dtype=dtype, rngs=rngs,
                                num_experts=num_experts)
+    self.shared = (FeedForward(dim, num_shared_experts * hidden, activation=activation,
+                               init_scale=init_scale, dropout_rate=expert_dropout, dtype=dtype,
+                               rngs=rngs) if num_shared_experts else None)
     self.num_experts, self.group_size, self.min_capacity = num_experts, group_size, min_capacity
     self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
     self.weights = {'load_balance': load_balance_loss, 'importance': importance_loss,
@@ -199,18 +211,28 @@ class MoeLayer(nnx.Module):
     scale = o.num_selected if o.router == 'topk' and o.capacity_scales_with_k else 1
     return routing.expert_capacity(group_size * scale, self.num_experts, cf, self.min_capacity)
 
+  def balance(self, stats: dict[str, jax.Array], rate: float | jax.Array) -> None:
+    """Moves the expert bias one aux-loss-free balancing step, from the selections in
+    ``stats`` (this layer's, from a training forward pass)."""
+    bias = self.router.expert_bias
+    bias[...] = routing.balance_bias(bias[...], stats['selected_fraction_E'], rate)
+
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns y_BxLxD and stats: the weighted aux losses (``load_balance`` = alpha * E *
-    sum_i f_i P_i, ``importance``, ``z_loss``) and `router_stats` diagnostics."""
+    sum_i f_i P_i, ``importance``, ``z_loss``) and `router_stats` diagnostics; with an expert
+    bias also ``selected_fraction_E`` (share of the router's choices per expert, before
+    capacity) and ``expert_bias_max`` (max |b|)."""
     b, l, d = x_BxLxD.shape
     g, s = routing_groups(b * l, self.group_size)
     capacity = self.capacity(s, deterministic)
     x_GxSxD = constrain(x_BxLxD.reshape(g, s, d), ('batch', None, 'embed'))
     logits, probs = self.router(x_GxSxD, deterministic=deterministic, rngs=rngs)
     logits_GxSxE, probs_GxSxE = logits.astype(jnp.float32), probs.astype(jnp.float32)
+    bias = self.router.expert_bias
+    bias_E = None if bias is None else bias[...]
     r = routing.route(logits_GxSxE, probs_GxSxE, capacity, self.options,
-                      deterministic=deterministic, rngs=rngs)
+                      deterministic=deterministic, rngs=rngs, bias_E=bias_E)
 
     e = self.num_experts
     if self.dispatch == 'dropless':
@@ -232,6 +254,9 @@ class MoeLayer(nnx.Module):
       dispatch = einsum_dispatch if self.dispatch == 'einsum' else gather_dispatch
       y_GxSxD = dispatch(x_GxSxD, r, run, e, capacity)
     y_GxSxD = constrain(y_GxSxD.astype(self.dtype), ('batch', None, 'embed'))
+    y_BxLxD = y_GxSxD.reshape(b, l, d)
+    if self.shared is not None:
+      y_BxLxD = y_BxLxD + self.shared(x_BxLxD, deterministic=deterministic, rngs=rngs)
 
     losses = {
         'load_balance': routing.load_balance_loss(probs_GxSxE, jnp.argmax(probs_GxSxE, -1)),
@@ -240,5 +265,9 @@ class MoeLayer(nnx.Module):
     }
     stats = {name: self.weights[name] * value for name, value in losses.items()}
     stats.update(router_stats(logits_GxSxE, probs_GxSxE, r))
-    return y_GxSxD.reshape(b, l, d), stats
+    if bias_E is not None:
+      stats['selected_fraction_E'] = jnp.mean(jax.nn.one_hot(r.selected_GxSxK, e),
+                                              axis=(0, 1, 2))
+      stats['expert_bias_max'] = jnp.max(jnp.abs(bias_E))
+    return y_BxLxD, stats
 

@@ -132,7 +132,8 @@ def router_z_loss(logits_GxSxE: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_GxSxE, axis=-1)))
 
 
-def balance_bias(bias_E: jax.Array, selected_E: jax.Array, rate: float) -> jax.Array:
+def balance_bias(bias_E: jax.Array, selected_E: jax.Array,
+                 rate: float | jax.Array) -> jax.Array:
   """One auxiliary-loss-free balancing step (Wang et al. 2024): b_i += rate * sign(mean load
   - load_i), so under-loaded experts become more attractive. ``selected_E``: each expert's load
   (count or fraction of the choices that selected it, before capacity)."""

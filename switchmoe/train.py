@@ -2,7 +2,11 @@
 
 The train state is a plain pytree ``{'params', 'opt_state', 'step', 'skipped_steps',
 'last_skipped_step'}``; the model's structure (an NNX GraphDef) stays static and is merged
-with the params inside the jitted step. Every random draw in step n comes from
+with the params inside the jitted step. ``params`` holds all the model's variables: its
+``nnx.Param``s, which alone get gradients and optimizer state, and with
+``model.moe.bias_update_rate`` > 0 each router's `routing.ExpertBias`, which the step moves
+from its own routing (aux-loss-free balancing). So checkpoints, exports and ``init_from``
+carry the bias with the weights it was balanced for. Every random draw in step n comes from
 ``fold_in(seed, n)``, and the data iterator's position is checkpointed, so a resumed run
 repeats the uninterrupted one bit for bit.
 
@@ -86,13 +90,19 @@ def make_setup(config: ml_collections.ConfigDict,
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
 
+  def split_trainable(variables: dict) -> tuple[dict, dict]:
+    """(the nnx.Params, every other variable: the expert biases) of a params dict."""
+    model = nnx.merge(graphdef, variables)
+    return (nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+            nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+
   def init(key: jax.Array) -> State:
     model = LanguageModel(config.model, rngs=nnx.Rngs(params=key))
-    params = jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model)),
-                                              param_shardings)
+    variables = jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model)),
+                                                 param_shardings)
     zero = jnp.zeros((), jnp.int32)
-    return {'params': params, 'opt_state': tx.init(params), 'step': zero,
-            'skipped_steps': zero, 'last_skipped_step': zero}
+    return {'params': variables, 'opt_state': tx.init(split_trainable(variables)[0]),
+            'step': zero, 'skipped_steps': zero, 'last_skipped_step': zero}
 
   with jax.set_mesh(mesh), sharding.use_rules(rules, config.mesh.expert_parallel):
     # Compiled once: the optimizer state's shardings are whatever GSPMD chose for it.
@@ -103,28 +113,34 @@ def make_setup(config: ml_collections.ConfigDict,
 
   def train_step(state: State, batch) -> tuple[State, dict]:
     step_key = jax.random.fold_in(base_key, state['step'])
+    trainable, fixed = split_trainable(state['params'])
 
     def loss_fn(params):
       # Rngs are stateful: build them inside the differentiated function's trace.
       rngs = nnx.Rngs(**{name: jax.random.fold_in(step_key, i)
                          for i, name in enumerate(('dropout',) + routing.RNG_STREAMS)})
-      return loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=False,
+      return loss_and_metrics(nnx.merge(graphdef, params, fixed), batch, deterministic=False,
                               rngs=rngs)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grad_norm = optax.tree.norm(grads)
     grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    updates, opt_state = tx.update(grads, state['opt_state'], trainable)
+    params = optax.apply_updates(trainable, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state['params'], state['opt_state']))
+                                     (params, opt_state), (trainable, state['opt_state']))
+    model = nnx.merge(graphdef, params, fixed)
+    rate = config.model.moe.bias_update_rate
+    if rate:  # a skipped step leaves the biases as they were, like the weights
+      model.balance_experts(metrics['moe'], jnp.where(finite, rate, 0.0))
     step = state['step'] + 1
     skipped = state['skipped_steps'] + (~finite).astype(jnp.int32)
     metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
                    update_norm=optax.tree.norm(updates), skipped_steps=skipped,
                    learning_rate=lr_schedule(state['step']))
-    return {'params': params, 'opt_state': opt_state, 'step': step, 'skipped_steps': skipped,
+    return {'params': nnx.to_pure_dict(nnx.state(model)), 'opt_state': opt_state, 'step': step,
+            'skipped_steps': skipped,
             'last_skipped_step': jnp.where(finite, state['last_skipped_step'], step)}, metrics
 
   def eval_step(params, batch) -> dict:
@@ -192,8 +208,8 @@ RUN_IDENTITY = ('seed', 'model.arch', 'model.vocab_size', 'model.d_model', 'mode
                 'model.num_decoder_layers', 'model.num_heads', 'model.d_kv', 'model.d_ff',
                 'model.ffn_activation', 'model.tie_embeddings',
                 'model.relative_attention_num_buckets', 'model.relative_attention_max_distance',
-                'model.moe.num_experts', 'model.moe.every', 'model.moe.router', 'optim.name',
-                'data.source', 'data.tokenizer')
+                'model.moe.num_experts', 'model.moe.every', 'model.moe.router',
+                'model.moe.num_shared_experts', 'optim.name', 'data.source', 'data.tokenizer')
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -86,6 +86,16 @@ BAD = [
     (lambda c: (setter('model.moe.router', 'experts_choose')(c),
                 setter('model.moe.dispatch', 'dropless')(c)),
      r'^model\.moe\.dispatch="dropless": needs a tokens-choose router'),
+    (lambda c: (setter('model.moe.router', 'experts_choose')(c),
+                setter('model.moe.bias_update_rate', 0.001)(c)),
+     r'^model\.moe\.bias_update_rate=0\.001: only for tokens-choose routers \(switch, topk\)$'),
+    (lambda c: (setter('model.moe.exploration', 'sample_softmax')(c),
+                setter('model.moe.bias_update_rate', 0.001)(c)),
+     r'^model\.moe\.bias_update_rate=0\.001: the bias steers the argmax'),
+    (setter('model.moe.bias_update_rate', -0.001), r"^model\.moe\.bias_update_rate=-0\.001: "
+                                                   r"must be >= 0$"),
+    (setter('model.moe.num_shared_experts', -1), r"^model\.moe\.num_shared_experts=-1: must "
+                                                 r"be >= 0$"),
 ]
 
 

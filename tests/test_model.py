@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from switchmoe import routing, sharding
 from switchmoe.layers import relative_position_bucket
 from switchmoe.model import LanguageModel, is_moe_layer, loss_and_metrics
 from tests.helpers import random_batch, tiny_config
@@ -114,3 +116,29 @@ def test_bfloat16_activations_keep_float32_router_and_params():
   assert np.isfinite(loss)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   assert metrics['moe']['encoder/layer_0']['z_loss'].dtype == jnp.float32
+
+
+def _abstract_model(c):
+  return nnx.eval_shape(lambda: LanguageModel(c.model, rngs=nnx.Rngs(0)))
+
+
+def test_shared_experts_and_expert_bias_variables():
+  """Shared experts add one dense-FFN's parameters (and its logical axes) per Switch layer; the
+  expert bias is a replicated non-Param variable; neither exists by default."""
+  base = tiny_config()
+  extended = tiny_config(num_shared_experts=2, bias_update_rate=0.001)
+  count = lambda model: sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  m = base.model
+  switch_layers = 2 * m.num_layers  # every layer of the encoder and the decoder
+  ffn = 3 * m.d_model * 2 * m.d_ff  # GEGLU wi, wi_gate, wo of width 2 * d_ff
+  base_model, model = _abstract_model(base), _abstract_model(extended)
+  assert count(model) - count(base_model) == switch_layers * ffn
+  assert not nnx.state(base_model, routing.ExpertBias)
+  biases = nnx.to_flat_state(nnx.state(model, routing.ExpertBias))
+  assert len(biases) == switch_layers
+  assert all(path[-2:] == ('router', 'expert_bias') for path, _ in biases)
+  mesh = sharding.make_mesh((2, 2, 2), ('fsdp', 'expert', 'model'))
+  specs = sharding.state_shardings(nnx.state(model), mesh)['encoder']['layers'][0]['ffn']
+  assert specs['shared']['wi'].spec == P('fsdp', 'model')
+  assert specs['shared']['wo'].spec == P('model', 'fsdp')
+  assert specs['router']['expert_bias'].spec == P(None)

@@ -109,21 +109,25 @@ def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activati
 
 def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacity_factor=None,
                min_capacity=1, alpha=0.0, beta=0.0, jitter=0.0, activation='relu', seed=0,
-               router_std=1.0):
+               router_std=1.0, num_shared_experts=0, expert_bias=False):
   """A float32 MoeLayer with NumPy-drawn weights (built abstractly: no init compilation).
 
-  Router kernel ~ N(0, router_std^2); expert matrices ~ N(0, 1 / fan_in).
+  Router kernel ~ N(0, router_std^2); expert and shared-expert matrices ~ N(0, 1 / fan_in);
+  the expert bias, if any, zeros.
   """
   eval_cf = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
   layer = nnx.eval_shape(lambda: MoeLayer(
       D, F, num_experts=num_experts, group_size=group_size, capacity_factor=capacity_factor,
       eval_capacity_factor=eval_cf, min_capacity=min_capacity, load_balance_loss=alpha,
       router_z_loss=beta, jitter=jitter, activation=activation, init_scale=1.0,
-      expert_dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+      expert_dropout=0.0, dtype=jnp.float32, num_shared_experts=num_shared_experts,
+      expert_bias=expert_bias, rngs=nnx.Rngs(0)))
   rs = np.random.RandomState(seed)
   for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
     std = router_std if path[0] == 'router' else 1.0 / math.sqrt(var.shape[-2])
     var.set_value(jnp.asarray((std * rs.randn(*var.shape)).astype(np.float32)))
+  if expert_bias:
+    layer.router.expert_bias.set_value(jnp.zeros((num_experts,), jnp.float32))
   return layer
 
 
@@ -490,3 +494,65 @@ def test_jitter_in_training_mode():
   # Different streams give different noise.
   y2, _ = call(jittery, jnp.asarray(x), False, nnx.Rngs(jitter=1))
   assert not np.array_equal(np.asarray(y2), y1)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Shared experts and the aux-loss-free balancing bias.
+
+
+def _with_routed_weights_of(layer, source):
+  """``layer`` with ``source``'s router and routed experts."""
+  for name in ('router', 'experts'):
+    nnx.update(getattr(layer, name), nnx.state(getattr(source, name), nnx.Param))
+  return layer
+
+
+@pytest.mark.parametrize('activation', ['relu', 'geglu'])
+def test_shared_experts_add_a_dense_ffn_to_the_routed_output(activation):
+  """Same routed weights: with - without shared experts = the float64 shared FFN, on every
+  token (capacity 1 of 8: dropped tokens get the shared output alone)."""
+  plain = make_layer(capacity_factor=0.5, activation=activation, seed=12)
+  shared = _with_routed_weights_of(
+      make_layer(capacity_factor=0.5, activation=activation, seed=13, num_shared_experts=2),
+      plain)
+  assert shared.shared.wi.shape == (D, 2 * F)
+  x = random_x(14)
+  y_plain, stats_plain = call(plain, jnp.asarray(x))
+  y_shared, stats_shared = call(shared, jnp.asarray(x))
+  w = {k: None if v is None else np.asarray(v[...], np.float64)
+       for k, v in (('wi', shared.shared.wi), ('wo', shared.shared.wo),
+                    ('wi_gate', shared.shared.wi_gate))}
+  ffn = np.stack([_ffn(t, w['wi'], w['wo'], w['wi_gate'], activation)
+                  for t in x.reshape(-1, D).astype(np.float64)]).reshape(x.shape)
+  np.testing.assert_allclose(np.asarray(y_shared) - np.asarray(y_plain), ffn, rtol=1e-5,
+                             atol=1e-5)
+  assert float(stats_plain['dropped_fraction']) > 0
+  for k in stats_plain:
+    np.testing.assert_array_equal(np.asarray(stats_shared[k]), np.asarray(stats_plain[k]), k)
+
+
+def test_shared_experts_get_gradients():
+  layer = make_layer(activation='geglu', num_shared_experts=1)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  c = jnp.asarray(np.random.RandomState(1).randn(B, L, D), jnp.float32)
+  grads = jax.jit(jax.grad(_loss_fn(graphdef, c)))(params, rest, jnp.asarray(random_x(4)))
+  for name in ('wi', 'wi_gate', 'wo'):
+    g = np.asarray(grads['shared'][name][...])
+    assert np.all(np.isfinite(g)) and np.any(g != 0.0), name
+
+
+def test_zero_expert_bias_changes_nothing():
+  """A layer with a (zero) expert bias computes exactly what one without it does."""
+  x = jnp.asarray(random_x(15))
+  plain = make_layer(capacity_factor=0.5, alpha=0.01, beta=0.001, seed=16)
+  biased = _with_routed_weights_of(
+      make_layer(capacity_factor=0.5, alpha=0.01, beta=0.001, expert_bias=True), plain)
+  for deterministic in (True, False):
+    y0, s0 = call(plain, x, deterministic)
+    y1, s1 = call(biased, x, deterministic)
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+    for k in s0:
+      np.testing.assert_array_equal(np.asarray(s1[k]), np.asarray(s0[k]), k)
+  np.testing.assert_allclose(np.sum(np.asarray(s1['selected_fraction_E'])), 1.0, rtol=1e-6)
+  assert float(s1['expert_bias_max']) == 0.0
+  assert 'selected_fraction_E' not in s0 and 'expert_bias_max' not in s0

@@ -97,6 +97,24 @@ def test_switch_flops_count_active_experts_only():
   assert flops.train_step_flops(top2) - flops.train_step_flops(switch) == pytest.approx(
       3 * ffn * tokens * layers)
   assert flops.experts_per_token(tiny_config(router='experts_choose').model.moe) == 1.25
+  shared = tiny_config(every=1, num_shared_experts=2)  # every token also runs 2 dense FFNs
+  assert flops.train_step_flops(shared) - flops.train_step_flops(switch) == pytest.approx(
+      3 * 2 * ffn * tokens * layers)
+
+
+def test_shared_expert_flops_match_xla_cost_analysis():
+  """What shared experts add, counted by XLA: the Switch layers' dispatch, which the analytic
+  count leaves out, is the same with and without them and cancels."""
+  def config(num_shared):
+    c = tiny_config('decoder', every=1, num_experts=4, group_size=64,
+                    num_shared_experts=num_shared)
+    m = c.model
+    m.d_model, m.d_ff, m.num_heads, m.d_kv = 256, 1024, 4, 64  # matmuls dominate
+    c.train.batch_size = 4
+    return c
+  analytic = (flops.train_step_flops(config(2)) - flops.train_step_flops(config(0))) / 3
+  xla = xla_forward_flops(config(2)) - xla_forward_flops(config(0))
+  assert analytic == pytest.approx(xla, rel=0.02)
 
 
 @pytest.mark.parametrize('kind, peak', [('NVIDIA H100 80GB HBM3', 989e12),

@@ -5,10 +5,13 @@ import glob
 import os
 import signal
 
+import jax
 import numpy as np
 import pytest
 
+from switchmoe import checkpoint as checkpoint_lib
 from switchmoe import train
+from tests.helpers import random_batch, tiny_config
 from tests.train_helpers import (assert_same_metrics, checkpoint_steps, cli_args,
                                  compile_cache, load_script, patch_batches, read_metrics,
                                  run_cli, run_config)
@@ -47,6 +50,47 @@ def test_training_lowers_loss_and_writes_outputs(data_dir, corpus, compile_cache
   png = str(tmp_path / 'curves.png')
   assert plot.main([workdir, workdir + '/', '--out', png]) == 0
   assert os.path.getsize(png) > 10_000
+
+
+def test_expert_bias_moves_by_balancing_not_by_the_optimizer_and_is_checkpointed(
+    compile_cache, tmp_path):
+  rate = 0.01
+  c = tiny_config('decoder', num_experts=4, bias_update_rate=rate)
+  c.model.num_layers = 1
+  s = train.make_setup(c, jax.devices()[:1])
+  bias_of = lambda state: np.asarray(
+      state['params']['decoder']['layers'][0]['ffn']['router']['expert_bias'])
+  with train.mesh_context(s):
+    state = s.init(jax.random.key(0))
+    opt_names = [checkpoint_lib.path_name(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(state['opt_state'])[0]]
+    assert opt_names and not any('expert_bias' in name for name in opt_names)
+    before = jax.device_get(state)
+    batch = train.device_batch(s, random_batch(c))
+    state, metrics = s.train_step(state, batch)
+    after = jax.device_get(state)
+    stats = jax.device_get(metrics['moe']['decoder/layer_0'])
+    # Exactly one balancing step from zero: no gradient or optimizer update reaches the bias.
+    selected = stats['selected_fraction_E']
+    np.testing.assert_array_equal(bias_of(after),
+                                  np.float32(rate) * np.sign(selected.mean() - selected))
+    assert np.any(bias_of(after) != 0) and stats['expert_bias_max'] == 0
+    router = lambda st: st['params']['decoder']['layers'][0]['ffn']['router']['kernel']
+    assert np.any(router(after) != router(before))  # while the weights did train
+
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=1)
+    checkpointer.save(1, state, {}, {})
+    checkpointer.wait()
+    restored, _ = checkpointer.restore(1, s.abstract_state)
+    checkpointer.close()
+    np.testing.assert_array_equal(bias_of(restored), bias_of(after))
+
+    # A skipped (non-finite) step leaves the bias where it was, like the weights.
+    experts = restored['params']['decoder']['layers'][0]['ffn']['experts']
+    experts['wo'] = experts['wo'] * np.nan
+    skipped, _ = s.train_step(restored, batch)
+    assert int(skipped['skipped_steps']) == 1
+    np.testing.assert_array_equal(bias_of(jax.device_get(skipped)), bias_of(after))
 
 
 def stop_at(step):
