@@ -228,6 +228,13 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     if was != now:
       raise ValueError(f'{name}={now!r}: --workdir={workdir} holds a run with {name}={was!r}; '
                        'allowed: its value (to resume that run) or a new --workdir')
+  # The rate itself may change on resume, but whether the expert-bias variables exist may not.
+  had_bias = old.get('model', {}).get('moe', {}).get('bias_update_rate', 0.0) > 0
+  if had_bias != (config.model.moe.bias_update_rate > 0):
+    raise ValueError(f'model.moe.bias_update_rate={config.model.moe.bias_update_rate!r}: '
+                     f'--workdir={workdir} holds a run {"with" if had_bias else "without"} '
+                     f'expert biases; allowed: a rate {"> 0" if had_bias else "of 0"} (to resume '
+                     'that run) or a new --workdir')
 
 
 def param_filter(spec: str):

@@ -161,6 +161,16 @@ def test_workdir_resume_may_change_capacity_dropout_and_schedule(tmp_path):
       train.check_workdir(changed, workdir)
 
 
+def test_workdir_resume_keeps_expert_biases_on_or_off(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with_bias = tiny_config(bias_update_rate=0.001)
+  write_run(workdir, with_bias)
+  train.check_workdir(tiny_config(bias_update_rate=0.01), workdir)  # the rate may change
+  with pytest.raises(ValueError, match=r'^model\.moe\.bias_update_rate=0\.0: .* holds a run with '
+                                       r'expert biases; allowed: a rate > 0'):
+    train.check_workdir(tiny_config(), workdir)
+
+
 def test_missing_init_from_is_refused_before_compiling(data_dir, tmp_path):
   c = tiny_config()
   c.data.data_dir = data_dir
