@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from switchmoe import checkpoint as checkpoint_lib
 from switchmoe import config as config_lib
 from switchmoe import data as data_lib
+from switchmoe import sources
 from switchmoe import flops as flops_lib
 from switchmoe import routing, sharding
 from switchmoe.checkpoint import Checkpointer, abstract_like
@@ -356,6 +357,19 @@ def restore_or_init(s: Setup, checkpointer: Checkpointer, data_iter, lead: bool
 def open_data(config: ml_collections.ConfigDict, stack: contextlib.ExitStack):
   """(train iterator, eval batches) for this process; raises ValueError for bad data fields."""
   t = config.train
+  if jax.process_count() > 1:
+    # Process 0 builds a missing 'stdlib' / 'files' dataset first: on a shared filesystem the
+    # others then find it ready instead of all writing it at once. Its error is raised only
+    # after the barrier, so no process waits there forever.
+    error = None
+    if jax.process_index() == 0:
+      try:
+        sources.builder_for(config)
+      except ValueError as e:
+        error = e
+    multihost_utils.sync_global_devices('switchmoe: dataset ready')
+    if error is not None:
+      raise error
   per_process = t.batch_size // jax.process_count()
   data_iter = data_lib.make_train_iterator(config, batch_size=per_process,
                                            process_index=jax.process_index(),

@@ -1,9 +1,10 @@
 """One process of the 2-process test in test_multiprocess.py: 4 CPU devices, 3 train steps,
-then a checkpoint.
+then a checkpoint, then the first batch of the real input pipeline (corpus built by process 0).
 
 Usage: python -m tests.multiprocess_worker PORT PROCESS_ID WORKDIR
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -38,8 +39,12 @@ def main(port: int, process_id: int, workdir: str) -> None:
     checkpointer.save(STEPS, state, {}, {})
     checkpointer.wait()
     checkpointer.close()
+  c.data.data_dir = os.path.join(workdir, 'tfds')
+  with contextlib.ExitStack() as stack:
+    data_iter, _ = train.open_data(c, stack)
+    first_rows = next(data_iter)['encoder_input_tokens'][:, :8].tolist()
   print(json.dumps({'process': jax.process_index(), 'devices': jax.device_count(),
-                    'losses': losses}), flush=True)
+                    'losses': losses, 'first_rows': first_rows}), flush=True)
 
 
 if __name__ == '__main__':

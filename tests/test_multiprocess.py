@@ -36,6 +36,9 @@ def test_two_processes_match_one(tmp_path):
     assert w.returncode == 0, err[-3000:]
   results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert [r['devices'] for r in results] == [8, 8]
+  # Each process reads its own slice of the corpus that process 0 built in the shared data_dir.
+  assert results[0]['first_rows'] != results[1]['first_rows']
+  assert len(list((tmp_path / 'tfds' / 'switchmoe_stdlib').glob('*/*/dataset_info.json'))) == 1
 
   c = config()
   s = train.make_setup(c, jax.devices()[:8])
