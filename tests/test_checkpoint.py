@@ -5,10 +5,7 @@ export.py and evaluate.py read any checkpoint."""
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
 
 import jax
 import numpy as np
@@ -16,9 +13,9 @@ import pytest
 
 from switchmoe import checkpoint as checkpoint_lib
 from switchmoe import train
-from tests.train_helpers import (REPO, assert_same_metrics, checkpoint_steps, cli_args,
-                                 cli_env, compile_cache, load_script, read_metrics, run_cli,
-                                 run_config)
+from tests.train_helpers import (assert_same_metrics, checkpoint_steps, cli_args,
+                                 compile_cache, load_script, read_metrics, run_cli, run_config,
+                                 start)
 
 # Runs the CLI with orbax's final rename of checkpoint step 20 stalled, as if the process
 # were killed between writing the step's files and committing them.
@@ -36,36 +33,6 @@ sys.argv = sys.argv[1:]
 from switchmoe.main import run
 run()
 '''
-
-
-class Lines:
-  """Collects a child process's stdout lines in a thread; `wait_for` polls them."""
-
-  def __init__(self, process: subprocess.Popen):
-    self.lines, self.process = [], process
-    self._thread = threading.Thread(target=self._read, daemon=True)
-    self._thread.start()
-
-  def _read(self):
-    for line in self.process.stdout:
-      self.lines.append(line)
-
-  def wait_for(self, text: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(text in line for line in self.lines):
-      assert self.process.poll() is None, ''.join(self.lines)[-3000:]
-      assert time.monotonic() < deadline, f'no {text!r} in {"".join(self.lines)[-3000:]}'
-      time.sleep(0.05)
-
-  def text(self) -> str:
-    self._thread.join(timeout=30)
-    return ''.join(self.lines)
-
-
-def start(args, cache_dir) -> tuple[subprocess.Popen, Lines]:
-  process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=cli_env(cache_dir))
-  return process, Lines(process)
 
 
 def test_kill_9_during_async_save_resumes_from_the_previous_checkpoint(

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import pytest
@@ -140,3 +142,34 @@ def load_script(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+class Lines:
+  """Collects a child process's stdout lines in a thread; `wait_for` polls them."""
+
+  def __init__(self, process: subprocess.Popen):
+    self.lines, self.process = [], process
+    self._thread = threading.Thread(target=self._read, daemon=True)
+    self._thread.start()
+
+  def _read(self):
+    for line in self.process.stdout:
+      self.lines.append(line)
+
+  def wait_for(self, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in self.lines):
+      assert self.process.poll() is None, ''.join(self.lines)[-3000:]
+      assert time.monotonic() < deadline, f'no {text!r} in {"".join(self.lines)[-3000:]}'
+      time.sleep(0.05)
+
+  def text(self) -> str:
+    self._thread.join(timeout=30)
+    return ''.join(self.lines)
+
+
+def start(args, cache_dir, env=None) -> tuple[subprocess.Popen, Lines]:
+  """Starts a command-line run (``env``: its environment, default `cli_env`)."""
+  process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env or cli_env(cache_dir))
+  return process, Lines(process)
