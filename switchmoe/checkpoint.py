@@ -143,10 +143,11 @@ def path_name(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
-def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda name: True
-                ) -> tuple[Any, list[str]]:
+def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda name: True,
+                optional: Callable[[str], bool] = lambda name: False) -> tuple[Any, list[str]]:
   """Params from ``path`` (see `find_params`) for the leaves of ``target`` (ShapeDtypeStructs
-  with shardings, or arrays) whose path ``select`` accepts; the others keep ``target``'s value.
+  with shardings, or arrays) whose path ``select`` accepts; the others keep ``target``'s value,
+  as do selected leaves that ``optional`` accepts and the checkpoint lacks.
 
   Returns (the merged tree, the names loaded). Raises ValueError naming a selected parameter
   that the checkpoint lacks or holds with another shape. Stored dtypes (e.g. a bfloat16
@@ -159,7 +160,8 @@ def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda n
     stored = stored[key]
   stored = {path_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-  wanted = {path_name(p): x for p, x in leaves if select(path_name(p))}
+  wanted = {path_name(p): x for p, x in leaves if select(path_name(p))
+            and (path_name(p) in stored or not optional(path_name(p)))}
   for name, x in wanted.items():
     if name not in stored:
       raise ValueError(f'train.init_from: {folder} has no parameter {name}')

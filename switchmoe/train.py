@@ -345,8 +345,10 @@ def restore_or_init(s: Setup, checkpointer: Checkpointer, data_iter, lead: bool
     return state, start
   state = s.init(jax.random.key(config.seed))
   if config.train.init_from:
+    # A model trained without expert biases starts its own at zero.
     state['params'], names = checkpoint_lib.load_params(
-        config.train.init_from, state['params'], param_filter(config.train.init_from_params))
+        config.train.init_from, state['params'], param_filter(config.train.init_from_params),
+        optional=lambda name: name.endswith('/expert_bias'))
     if lead:
       total = len(jax.tree.leaves(state['params']))
       print(f'Initialised {len(names)} of {total} parameter arrays from '

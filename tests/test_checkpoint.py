@@ -158,3 +158,22 @@ def test_export_and_evaluate_any_checkpoint(data_dir, source_run, tmp_path, caps
   assert result['step'] is None and result['split'] == 'train' and result['eval/ce'] > 0
   assert evaluate.main([str(tmp_path / 'nothing')]) == 2
   assert 'not a run folder' in capsys.readouterr().err
+
+
+def test_init_from_a_run_without_expert_biases_starts_them_at_zero(data_dir, source_run,
+                                                                  tmp_path):
+  source, _ = source_run
+  config = run_config(data_dir, 10, init_from=source)
+  config.model.moe.bias_update_rate = 0.001
+  s = train.make_setup(config)
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / 'fine_tune'), keep=1)
+  with train.mesh_context(s):
+    state, _ = train.restore_or_init(s, checkpointer, None, lead=False)
+  checkpointer.close()
+  loaded = {checkpoint_lib.path_name(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(state['params'])[0]}
+  reference, _ = params_of(train.make_setup(run_config(data_dir, 10)), source)
+  biases = [name for name in loaded if name.endswith('/expert_bias')]
+  assert biases and all(not loaded[name].any() for name in biases)
+  for name, value in reference.items():
+    np.testing.assert_array_equal(loaded[name], value, err_msg=name)
