@@ -294,7 +294,7 @@ def _validate_training(c: ml_collections.ConfigDict) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field; cheap, runs before any compilation."""
   check_fields(c)
-  m, e, d, t, o = c.model, c.model.moe, c.data, c.train, c.optim
+  m, e, d, o = c.model, c.model.moe, c.data, c.optim
   _choice('model.arch', m.arch, ARCHS)
   if d.objective not in OBJECTIVES[m.arch]:
     raise ValueError(f'data.objective={d.objective!r}: not an option for model.arch={m.arch!r}; '
