@@ -23,13 +23,13 @@ ordering. Exit code 2 with a one-line error for a bad TABLE, row name or config 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 from absl import logging
 
@@ -40,16 +40,14 @@ from switchmoe.main import apply_overrides, load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
   name: str
   config: str                  # a file in configs/, without .py
   fields: dict                 # {'model.moe.capacity_factor': 1.0, ...}
   paper: float | None = None   # the paper's quality (neg. log perplexity), full scale
 
 
-@dataclasses.dataclass(frozen=True)
-class Study:
+class Study(NamedTuple):
   title: str
   paper_setup: str
   rows: tuple[Row, ...]
