@@ -187,8 +187,9 @@ def _mean(values: list) -> float | None:
 
 def summarize_row(row: Row, runs: list[dict]) -> dict:
   """Per row: final evaluation (mean, std over seeds), median tokens/s, dropped fractions."""
+  # A failed run's last evaluation predates its divergence: it is no final result
   finals = [next((r for r in reversed(run['records']) if 'eval/neg_log_perplexity' in r), {})
-            for run in runs]
+            for run in runs if not run['error']]
   nlp = _finite([f.get('eval/neg_log_perplexity') for f in finals])
   speeds = _finite([r.get('perf/tokens_per_sec') for run in runs for r in run['records']])
   return {
