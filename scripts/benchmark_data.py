@@ -29,6 +29,7 @@ import numpy as np
 
 from switchmoe import data as data_lib
 from switchmoe import sources
+from switchmoe import train
 from switchmoe.main import load_config
 from switchmoe.tokenizer import make_tokenizer
 
@@ -40,14 +41,6 @@ STAGE_BATCHES = 20
 
 def progress(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
-
-
-def tokens_per_example(config) -> int:
-  """Encoder plus decoder positions, as train.tokens_per_step counts them."""
-  length = config.data.targets_length
-  if config.model.arch == 'encoder_decoder':
-    length += config.data.inputs_length
-  return length
 
 
 def time_pipeline(config, batch_size: int, num_batches: int) -> dict:
@@ -70,7 +63,7 @@ def time_pipeline(config, batch_size: int, num_batches: int) -> dict:
   batches_per_s = num_batches / elapsed
   return {'workers': config.data.num_workers, 'batches_per_s': batches_per_s,
           'examples_per_s': batches_per_s * batch_size,
-          'tokens_per_s': batches_per_s * batch_size * tokens_per_example(config),
+          'tokens_per_s': batches_per_s * batch_size * train.tokens_per_example(config),
           'first_batch_s': first, 'slowest_batch_s': slowest}
 
 

@@ -186,14 +186,13 @@ def _prefetch(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset
   return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
-def _batches(documents: grain.MapDataset, config, *, row_seed: int, example_seed: int,
-             batch_size: int, num_workers: int) -> grain.IterDataset:
+def _batches(documents: grain.MapDataset, config, tokenizer, *, row_seed: int,
+             example_seed: int, batch_size: int, num_workers: int) -> grain.IterDataset:
   """Infinite batches from ``documents`` (already sliced and, for training, shuffled).
 
   Tokenizing runs in the workers; packing is stateful, so it runs after the fan-in and the
   batches do not depend on the number of workers.
   """
-  tokenizer = _check_config(config)
   tokenize = functools.partial(tokenize_document, tokenizer=tokenizer, text_field=config.data.text_field,
                                append_eos=config.model.arch == 'decoder')
   tokens = _prefetch(documents.repeat().map(tokenize).to_iter_dataset(_READ_OPTIONS), num_workers)
@@ -220,12 +219,13 @@ def make_train_iterator(config, *, batch_size: int, process_index: int = 0, proc
   data.num_workers > 0 tokenizing runs in that many grain worker processes too. Batches equal
   those of num_workers = 0 but states are not interchangeable.
   """
-  _check_config(config)
+  tokenizer = _check_config(config)
   shuffle_seed, row_seed, example_seed = _derived_seeds(config.seed, process_index, 3)
   source = sources.open_split(config, config.data.train_split)
   documents = _process_slice(source, process_index, process_count).shuffle(seed=shuffle_seed)
-  batches = _batches(documents, config, row_seed=row_seed, example_seed=example_seed,
-                     batch_size=batch_size, num_workers=config.data.num_workers)
+  batches = _batches(documents, config, tokenizer, row_seed=row_seed,
+                     example_seed=example_seed, batch_size=batch_size,
+                     num_workers=config.data.num_workers)
   # A thread prepares the next batches while the accelerator runs the current step; without it
   # the step waits whenever a row-shuffle window refills (every ~1024 rows).
   return iter(ThreadPrefetchIterDataset(batches, prefetch_buffer_size=_PREFETCH_BATCHES))
@@ -240,10 +240,10 @@ def make_eval_batches(
   row shuffling and noise are seeded by a fixed constant rather than config.seed; a process's
   slice that runs out is cycled.
   """
-  _check_config(config)
+  tokenizer = _check_config(config)
   source = sources.open_split(config, config.data.eval_split)
   documents = _process_slice(source, process_index, process_count)
-  batch_iterator = iter(_batches(documents, config, row_seed=_EVAL_SEED,
+  batch_iterator = iter(_batches(documents, config, tokenizer, row_seed=_EVAL_SEED,
                                  example_seed=_EVAL_SEED + 1, batch_size=batch_size,
                                  num_workers=0))
   return [next(batch_iterator) for _ in range(num_batches)]

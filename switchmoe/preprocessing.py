@@ -160,7 +160,8 @@ def random_prefix_lengths(segment_ids_L: np.ndarray, rng: np.random.Generator) -
   _, starts_S, lengths_S = np.unique(segment_ids_L, return_index=True, return_counts=True)
   high_S = np.maximum(lengths_S - 1, 1)
   prefix_S = np.where(lengths_S >= 2, rng.integers(1, high_S, endpoint=True), 0)
-  return np.repeat(prefix_S[np.argsort(starts_S)], lengths_S[np.argsort(starts_S)]).astype(np.int32)
+  in_row_order = np.argsort(starts_S)
+  return np.repeat(prefix_S[in_row_order], lengths_S[in_row_order]).astype(np.int32)
 
 
 def packed_decoder_features(

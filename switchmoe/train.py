@@ -190,11 +190,16 @@ def evaluate(s: Setup, params, batches: list[dict]) -> dict:
           'eval/dropped_fraction': float(totals['dropped_fraction']) / len(batches)}
 
 
-def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+def tokens_per_example(config: ml_collections.ConfigDict) -> int:
+  """Encoder plus decoder positions of one example."""
   length = config.data.targets_length
   if config.model.arch == 'encoder_decoder':
     length += config.data.inputs_length
-  return config.train.batch_size * length
+  return length
+
+
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+  return config.train.batch_size * tokens_per_example(config)
 
 
 class NonFiniteError(RuntimeError):
