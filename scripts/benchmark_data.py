@@ -38,7 +38,6 @@ STAGES = ('read', 'tokenize', 'pack', 'objective', 'batch')
 STAGE_BATCHES = 20
 
 
-
 def progress(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 

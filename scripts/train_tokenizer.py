@@ -31,7 +31,6 @@ VOCAB_MULTIPLE = 128
 PROGRESS_EVERY = 1000
 
 
-
 def progress(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
