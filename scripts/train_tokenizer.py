@@ -9,8 +9,9 @@ Reads documents of ``data.train_split`` in stored order until either cap is reac
 on their non-blank lines. The model has T5's ids (pad 0, eos 1, unk 2, no bos) and byte
 fallback; the tokenizer appends 100 sentinels, so the model needs ``vocab_size + 100`` ids. The
 default ``identity`` normalization is lossless; ``nmt_nfkc`` is T5's. Progress goes to stderr;
-the model path, its vocabulary size and the flags that select it go to stdout. Exit code 2 with
-a one-line error for a bad flag, field, output path or a vocabulary the text cannot fill.
+the model path, its vocabulary size and the flags that select it go to stdout. Missing folders of
+``--output`` are made. Exit code 2 with a one-line error for a bad flag, field, output path or a
+vocabulary the text cannot fill.
 """
 
 from __future__ import annotations
@@ -55,11 +56,14 @@ def model_vocab_size(tokenizer_vocab_size: int) -> int:
 
 
 def check_output(output: str) -> None:
-  folder = os.path.dirname(os.path.abspath(output))
-  if not os.path.isdir(folder):
-    raise ValueError(f'--output={output}: folder {folder} does not exist')
+  """Refuses an --output that cannot become a file; its missing folders are made later."""
   if os.path.isdir(output):
     raise ValueError(f'--output={output}: is a folder; give the .model file to write')
+  folder = os.path.dirname(os.path.abspath(output))
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise ValueError(f'--output={output}: {folder} is a file, not a folder')
 
 
 def positive_int(value: str) -> int:
@@ -87,6 +91,8 @@ def main(argv: list[str]) -> int:
   try:
     check_output(args.output)
     config = load_config(args.config, overrides)
+    # Made once the flags are known to be good, so that a bad one leaves no empty folder.
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     texts = data_lib.iter_texts(config, split=config.data.train_split)
     tokenizer = tokenizer_lib.train_sentencepiece(
         capped(texts, args.max_documents, args.max_chars), args.output, args.vocab_size,

@@ -247,13 +247,17 @@ def script():
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--output={tmp}/missing/spm.model'], r'^error: --output=.*: folder .*missing does not exist'),
+    (['--output={tmp}/notes.txt/spm.model'], r'^error: --output=.*: .*notes\.txt is a file, not'),
+    (['--output={tmp}/notes.txt/new/spm.model'], r'^error: --output=.*: .*notes\.txt is a file'),
     (['--output={tmp}'], r'^error: --output=.*: is a folder'),
-    (['--output={tmp}/spm.model', '--config.data.bogus=1'], r"^error: data\.bogus='1': unknown"),
+    (['--output={tmp}/new/x.model', '--config.data.bogus=1'], r"^error: data\.bogus='1': unknown"),
 ])
 def test_script_bad_input(script, tmp_path, capsys, args, message):
+  (tmp_path / 'notes.txt').write_text('a file where a folder is expected\n')
   assert script.main([a.format(tmp=tmp_path) for a in args]) == 2
-  assert re.match(message, capsys.readouterr().err.strip())
+  err = capsys.readouterr().err
+  assert re.match(message, err.strip()) and err.count('\n') == 1, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']  # nothing written
 
 
 def test_script_vocab_rounding(script):
@@ -261,7 +265,7 @@ def test_script_vocab_rounding(script):
 
 
 def test_script_trains_on_the_stdlib_corpus(data_dir, corpus, tmp_path):
-  output = tmp_path / 'stdlib.model'
+  output = tmp_path / 'spm' / 'stdlib.model'  # its folder is made
   done = subprocess.run(
       [sys.executable, 'scripts/train_tokenizer.py', '--config=configs/switch_tiny.py',
        f'--output={output}', '--vocab_size=1000', '--max_documents=60', '--max_chars=100000',
