@@ -172,6 +172,9 @@ class MoeLayer(nnx.Module):
   hidden units just concatenate; only the init differs, wo's fan-in being the full width),
   with dense-FFN logical axes ('embed', 'mlp').
   ``expert_bias`` gives the router an aux-loss-free balancing bias (`balance`).
+  ``sow_routing`` (False unless set on a built layer): each call sows its `routing.Routing`
+  as ``nnx.Intermediate`` ``routing``, for `nnx.capture` (`switchmoe.token_routing`). Off,
+  a call adds no state, as the train step needs.
   """
 
   def __init__(self, dim: int, hidden: int, *, num_experts: int, group_size: int,
@@ -202,6 +205,7 @@ class MoeLayer(nnx.Module):
     self.weights = {'load_balance': load_balance_loss, 'importance': importance_loss,
                     'z_loss': router_z_loss}
     self.dispatch, self.options, self.dtype = dispatch, options, dtype
+    self.sow_routing = False
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     o = self.options
@@ -233,6 +237,8 @@ class MoeLayer(nnx.Module):
     bias_E = None if bias is None else bias[...]
     r = routing.route(logits_GxSxE, probs_GxSxE, capacity, self.options,
                       deterministic=deterministic, rngs=rngs, bias_E=bias_E)
+    if self.sow_routing:
+      self.sow(nnx.Intermediate, 'routing', r)
 
     e = self.num_experts
     if self.dispatch == 'dropless':
