@@ -266,15 +266,27 @@ class SwitchmoeFiles(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({self.builder_config.text_field: tfds.features.Text()}),
     )
 
+  _document_keys = None
+
+  def check_files(self) -> list[str]:
+    """Reads and checks every file (a DataError names a bad one); the keys of their documents.
+
+    `prepare` calls it before writing anything; the build reuses its result.
+    """
+    if self._document_keys is None:
+      paths = [pathlib.Path(p) for p in self.builder_config.files]
+      keys = [f'{path}:{i}' for path in paths
+              for i, _ in enumerate(file_documents(path, self.builder_config.text_field))]
+      if len(keys) < 2:
+        raise DataError(f'data.files: {len(keys)} document(s) in {len(paths)} file(s); at least '
+                        '2 are needed for a train and a validation split')
+      self._document_keys = keys
+    return self._document_keys
+
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     paths = [pathlib.Path(p) for p in self.builder_config.files]
-    # A first pass reads and checks every file before anything is written, and fixes the split.
-    keys = [f'{path}:{i}' for path in paths
-            for i, _ in enumerate(file_documents(path, self.builder_config.text_field))]
-    if len(keys) < 2:
-      raise DataError(f'data.files: {len(keys)} document(s) in {len(paths)} file(s); at least 2 '
-                      'are needed for a train and a validation split')
+    keys = self.check_files()  # every document, to draw the validation split from
     num_validation = max(1, len(keys) * _VALIDATION_PERCENT // 100)
     validation = set(sorted(keys, key=_hash64)[:num_validation])
     return {'train': self._generate_examples(paths, validation, False),
@@ -313,18 +325,24 @@ def resolve_data_dir(data_dir: str) -> str:
   return os.environ.get('SWITCHMOE_DATA_DIR') or os.path.expanduser('~/.cache/switchmoe/tfds')
 
 
-def prepare(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
+def prepare(make_builder, data_dir: str, check=None) -> tfds.core.DatasetBuilder:
   """Builds the dataset of ``make_builder()`` in ``data_dir`` unless it is there already.
 
-  An exclusive file lock makes concurrent callers on one machine build it once; TFDS writes into an
-  ``incomplete.*`` directory and renames it when done, so an interrupted build leaves nothing that
-  a later read could mistake for a dataset.
+  ``check(builder)`` runs first when the dataset is missing: bad input raises before anything,
+  even ``data_dir``, is written. An exclusive file lock makes concurrent callers on one machine
+  build it once; TFDS writes into an ``incomplete.*`` directory and renames it when done, so an
+  interrupted build leaves nothing that a later read could mistake for a dataset.
   """
+  builder = make_builder()
+  if check is not None and not builder.data_path.exists():
+    check(builder)
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, '.switchmoe_build.lock'), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    # Made under the lock: a builder made earlier would not see a dataset finished meanwhile.
-    builder = make_builder()
+    if builder.data_path.exists():
+      # Made again under the lock: a builder made before the dataset was finished (by another
+      # process meanwhile) would not see its splits.
+      builder = make_builder()
     builder.download_and_prepare()
   return builder
 
@@ -370,7 +388,7 @@ def builder_for(config) -> tfds.core.DatasetBuilder:
     return stdlib_builder(data_dir)
   if d.source == 'files':
     return prepare(lambda: files_builder(d.files, d.text_field, d.dataset_name, data_dir),
-                   data_dir)
+                   data_dir, check=SwitchmoeFiles.check_files)
   return _registered_builder(d.source, data_dir)
 
 

@@ -148,14 +148,18 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize('name, content, message', BAD_FILES, ids=[b[0] for b in BAD_FILES])
-def test_bad_files_give_one_line_errors_and_write_nothing(tmp_path, name, content, message):
+def test_bad_files_give_one_line_errors_and_write_nothing(tmp_path, capfd, name, content,
+                                                          message):
   (tmp_path / 'corpus').mkdir()
   (tmp_path / 'corpus' / name).write_bytes(content)
+  (tmp_path / 'tfds').mkdir()
   config = files_config(tmp_path / 'tfds', str(tmp_path / 'corpus' / name))
   with pytest.raises(sources.DataError, match=message) as info:
     sources.open_split(config, 'train')
   assert '\n' not in str(info.value)
-  assert not list((tmp_path / 'tfds').glob('switchmoe_files/*/*'))
+  assert not list((tmp_path / 'tfds').iterdir())  # not even the build lock
+  out, err = capfd.readouterr()
+  assert (out, err) == ('', '')  # TFDS did not start ("Downloading and preparing ...")
 
 
 @pytest.mark.parametrize('files, message', [
@@ -185,9 +189,11 @@ def test_prepare_data_script(tmp_path):
   assert len(sources.open_split(config, 'train')) == len(documents) - 2
 
   (tmp_path / 'corpus' / 'empty.txt').write_text('')
-  result = run_prepare(str(tmp_path / 'corpus' / '*.txt'), f'--data_dir={tmp_path / "tfds"}')
+  result = run_prepare(str(tmp_path / 'corpus' / '*.txt'), f'--data_dir={tmp_path / "new"}')
   assert result.returncode == 2
-  assert result.stderr.strip().count('\n') == 0 and 'empty.txt: empty file' in result.stderr
+  assert re.fullmatch(r'error: .*/corpus/empty\.txt: empty file \(no text\)\n', result.stderr)
+  assert result.stdout == ''
+  assert not (tmp_path / 'new').exists()
 
 
 # ----------------------------------------------------------------------------- registered TFDS
