@@ -458,5 +458,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 f'{checkpointer.directory}/{step}. Run the same command to resume.',
                 flush=True)
         break
-    checkpointer.wait()
+    else:  # not stopped by a signal, which has said its own last word
+      checkpointer.wait()
+      if lead:
+        folder = os.path.abspath(workdir)
+        print(f'Done: checkpoint {checkpointer.directory}/{checkpointer.latest_step()}, metrics '
+              f'{folder}/metrics.jsonl, TensorBoard events {folder}/events.out.tfevents.*',
+              flush=True)
   return records

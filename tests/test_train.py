@@ -121,6 +121,19 @@ def test_stopped_and_resumed_run_repeats_the_straight_run(data_dir, corpus, comp
   assert_same_metrics(a, b, [5, 10, 15, 20])
 
 
+def test_a_finished_run_ends_saying_where_its_outputs_are(data_dir, corpus, compile_cache,
+                                                          tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)  # a relative workdir: the paths printed are absolute
+  with monkeypatch.context() as patch:
+    patch_batches(patch, stop_at(1))
+    train.train(run_config(data_dir, 2), 'run')
+  assert capsys.readouterr().out.splitlines()[-1].startswith('Stopped by SIGTERM after step 1;')
+  train.train(run_config(data_dir, 2), 'run')
+  assert capsys.readouterr().out.splitlines()[-1] == (
+      f'Done: checkpoint {tmp_path}/run/checkpoints/2, metrics {tmp_path}/run/metrics.jsonl, '
+      f'TensorBoard events {tmp_path}/run/events.out.tfevents.*')
+
+
 def test_cli_trains_and_rejects_bad_config(data_dir, corpus, compile_cache, tmp_path):
   workdir = str(tmp_path / 'cli')
   done = run_cli(cli_args(workdir, data_dir, 2), compile_cache)
