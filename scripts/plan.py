@@ -4,38 +4,35 @@ mesh of CPU devices and report per-device memory and the collectives it contains
   python scripts/plan.py --config=configs/switch_base.py --devices=32 \
       --config.mesh.shape='(2,16)' --config.mesh.axes="('data','expert')"
 
-Nothing is allocated: parameters, optimizer state and the batch are abstract.
+Nothing is allocated: parameters, optimizer state and the batch are abstract. Exit code 2 with a
+one-line error for a bad flag, field or layout, as switchmoe-train.
 """
 
+import argparse
 import os
 import re
 import sys
 
 
-def _early_devices(argv: list[str]) -> int:
-  """--devices must be known before JAX starts, so it is read ahead of absl."""
-  for i, arg in enumerate(argv):
-    if arg.startswith('--devices='):
-      return int(arg.split('=', 1)[1])
-    if arg == '--devices' and i + 1 < len(argv):
-      return int(argv[i + 1])
-  return 8
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  """(flags, the ``--config.a.b=value`` overrides)."""
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', required=True, help='a config file in configs/')
+  parser.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
+  return parser.parse_known_args(argv)
 
 
+# The device count must be set before JAX starts, so the flags are read ahead of the imports.
+ARGS, OVERRIDES = parse_args(sys.argv[1:])
 os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_'
-                           f'device_count={_early_devices(sys.argv)}')
+                           f'device_count={ARGS.devices}')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from switchmoe import train  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-flags.DEFINE_integer('devices', 8, 'Number of simulated devices.')
-flags.mark_flags_as_required(['config'])
+from switchmoe.main import fail, load_config  # noqa: E402
 
 COLLECTIVES = ('all-to-all', 'all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute')
 
@@ -65,10 +62,12 @@ def gib(n: float) -> str:
   return f'{n / 2**30:10.3f} GiB'
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  s = train.make_setup(config)
+def main() -> None:
+  try:
+    config = load_config(ARGS.config, OVERRIDES)
+    s = train.make_setup(config)
+  except ValueError as e:  # a bad field or an impossible layout
+    fail(str(e))
   mesh = dict(s.mesh.shape)
   print(f'mesh {mesh} on {len(jax.devices())} simulated devices, '
         f'expert parallel: {config.mesh.expert_parallel}')
@@ -76,7 +75,7 @@ def main(argv):
   with train.mesh_context(s):
     compiled = s.train_step.lower(state, abstract_batch(config, s.batch_sharding)).compile()
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
-  rows = [('parameters (all devices)', f'{params / 1e9:10.3f} B'),
+  rows = [('parameters (all devices)', f'{params:10,}'),
           ('params per device', gib(per_device_bytes(state['params']))),
           ('optimizer state per device', gib(per_device_bytes(state['opt_state'])))]
   memory = compiled.memory_analysis()
@@ -93,4 +92,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

@@ -5,22 +5,48 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
+from flax import nnx
+
+from switchmoe.main import load_config
+from switchmoe.model import LanguageModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_plan(*args, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.run([sys.executable, 'scripts/plan.py', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_plan_reports_memory_and_all_to_all():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  done = subprocess.run(
-      [sys.executable, 'scripts/plan.py', '--config=configs/switch_tiny.py', '--devices=8',
-       '--config.mesh.shape=(2,4)', '--config.model.num_layers=1',
-       '--config.model.moe.every=1'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  overrides = ['--config.mesh.shape=(2,4)', '--config.model.num_layers=1',
+               '--config.model.moe.every=1']
+  done = run_plan('--config=configs/switch_tiny.py', '--devices=8', *overrides)
   assert done.returncode == 0, done.stderr[-2000:]
   out = done.stdout
   assert "mesh {'data': 2, 'expert': 4} on 8 simulated devices" in out
   assert int(re.search(r'all-to-all ops in the step\s+(\d+)', out).group(1)) > 0
   per_device = float(re.search(r'params per device\s+([\d.]+) GiB', out).group(1))
   assert 0 < per_device < 0.05
+  config = load_config(os.path.join(REPO, 'configs', 'switch_tiny.py'), overrides)
+  model = nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0)))
+  count = sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))))
+  assert re.search(rf'parameters \(all devices\) +{count:,}\n', out)  # a count, not a size
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.mesh.shape=(3,3)'], 'error: mesh.shape (3, 3) needs 9 devices, only 8 are '
+                                    'available'),
+    (['--config.mesh.shape=(2,4)', '--config.model.moe.num_experts=3'],
+     'error: model.moe.num_experts=3 and the expert mesh axis (4) must divide one another'),
+    (['--config.mesh.shap=(2,4)'], "error: mesh.shap='(2,4)': unknown field (did you mean shape?)"),
+])
+def test_plan_rejects_a_bad_layout_in_one_line(args, message):
+  done = run_plan('--config=configs/switch_tiny.py', '--devices=8', *args, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.startswith(message) and done.stderr.count('\n') == 1, done.stderr
+  assert done.stdout == ''
