@@ -535,8 +535,11 @@ def plot(path: str, summary: dict, runs: dict[str, list[dict]]) -> bool:
 
 def run_study(table: str, *, scale: str = 'cpu', steps: int | None = None,
               seeds: int | None = None, out: str = 'runs/ablate', only: str | None = None,
-              overrides: list[str] = ()) -> dict:
+              overrides: list[str] = (), summarize_only: bool = False) -> dict:
   """Trains (or resumes, or skips) every run of a study and writes its summary; returns it.
+
+  ``summarize_only``: train nothing; the summary covers the runs that are finished (a row's
+  ``seeds`` counts them).
 
   ValueError for a bad study, scale, row or field, raised before anything is trained. The
   summary's ``files`` holds the paths of the markdown, JSON and plot (None without
@@ -561,9 +564,12 @@ def run_study(table: str, *, scale: str = 'cpu', steps: int | None = None,
     if os.path.exists(info_path):
       with open(info_path) as f:
         info = json.load(f)
-    if records and records[-1]['step'] == config.train.num_steps:
-      print(f'{label}: skip, finished in {workdir}', flush=True)
-      error = info.get('error')
+    error = info.get('error')  # a diverged run stays a failed result: it is not retried
+    if (records and records[-1]['step'] == config.train.num_steps) or error:
+      print(f'{label}: skip, {"failed" if error else "finished"} in {workdir}', flush=True)
+    elif summarize_only:
+      print(f'{label}: not finished, left out of the summary', flush=True)
+      continue
     else:
       left = len(plan) - i
       eta = _duration(statistics.fmean(trained) * left) if trained else '?'
@@ -643,6 +649,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--only', help='comma-separated rows to run (default: all)')
   parser.add_argument('--list', action='store_true',
                       help='print and validate the rows of STUDY (or all), train nothing')
+  parser.add_argument('--summarize', action='store_true',
+                      help='train nothing: summarize the runs of STUDY that are finished')
   args, overrides = parser.parse_known_args(argv)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   try:
@@ -655,7 +663,7 @@ def main(argv: list[str]) -> int:
       raise ValueError(f'STUDY: missing; allowed: {", ".join(STUDIES)}')
     else:
       run_study(args.table, scale=args.scale, steps=args.steps, seeds=args.seeds, out=args.out,
-                only=args.only, overrides=overrides)
+                only=args.only, overrides=overrides, summarize_only=args.summarize)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -157,3 +157,19 @@ def test_smoke_sweep_summarizes_and_skips_finished_runs(data_dir, compile_cache,
   with open(folder / 'sw_table3.json') as f:
     again = json.load(f)
   assert again['rows'] == summary['rows'] and again['train_seconds'] == summary['train_seconds']
+
+  # --summarize trains nothing: a third seed, never run, is left out of the summary, but a
+  # diverged one is a failed result.
+  os.makedirs(folder / 'init_1.0' / 'seed_2')
+  with open(folder / 'init_1.0' / 'seed_2' / 'ablate_run.json', 'w') as f:
+    json.dump({'seconds': 1.0, 'error': 'non-finite loss at step 3'}, f)
+  assert ablate.main(argv[:2] + ['--seeds=3', '--summarize'] + argv[3:]) == 0
+  out = capsys.readouterr().out
+  assert out.count('not finished, left out of the summary') == 1 and 'Compiled' not in out
+  assert 'init_1.0 seed 2: skip, failed' in out
+  with open(folder / 'sw_table3.json') as f:
+    partial = json.load(f)
+  assert [r['seeds'] for r in partial['rows']] == [2, 3] and partial['seeds'] == 3
+  assert partial['rows'][1]['failed'] == ['non-finite loss at step 3']
+  assert partial['rows'][1]['final_by_seed'] == summary['rows'][1]['final_by_seed']
+  assert not os.path.exists(folder / 'init_0.1' / 'seed_2')
