@@ -535,11 +535,12 @@ def plot(path: str, summary: dict, runs: dict[str, list[dict]]) -> bool:
 
 def run_study(table: str, *, scale: str = 'cpu', steps: int | None = None,
               seeds: int | None = None, out: str = 'runs/ablate', only: str | None = None,
-              overrides: list[str] = (), summarize_only: bool = False) -> dict:
+              overrides: list[str] = (), summarize_only: bool = False) -> dict | None:
   """Trains (or resumes, or skips) every run of a study and writes its summary; returns it.
 
   ``summarize_only``: train nothing; the summary covers the runs that are finished (a row's
-  ``seeds`` counts them).
+  ``seeds`` counts them). Returns None, writing no summary, when SIGTERM or SIGINT stopped a
+  run (saved, to be resumed by the same call).
 
   ValueError for a bad study, scale, row or field, raised before anything is trained. The
   summary's ``files`` holds the paths of the markdown, JSON and plot (None without
@@ -586,6 +587,10 @@ def run_study(table: str, *, scale: str = 'cpu', steps: int | None = None,
       with open(info_path, 'w') as f:
         json.dump(info, f)
       records = read_records(workdir)
+      if not error and not (records and records[-1]['step'] == config.train.num_steps):
+        # train() returns early only when SIGTERM / SIGINT stopped it: so does the sweep.
+        print(f'{label}: stopped; run the same command to resume the sweep', flush=True)
+        return None
     train_seconds += info['seconds']
     runs[row.name].append({'seed': seed, 'records': records, 'error': error})
   num_steps = plan[0][2].train.num_steps

@@ -173,3 +173,13 @@ def test_smoke_sweep_summarizes_and_skips_finished_runs(data_dir, compile_cache,
   assert partial['rows'][1]['failed'] == ['non-finite loss at step 3']
   assert partial['rows'][1]['final_by_seed'] == summary['rows'][1]['final_by_seed']
   assert not os.path.exists(folder / 'init_0.1' / 'seed_2')
+
+
+def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch, capsys):
+  calls = []
+  # train() returns before num_steps only when SIGTERM / SIGINT stopped it.
+  monkeypatch.setattr(ablate.train, 'train',
+                      lambda config, workdir: calls.append(os.makedirs(workdir) or workdir))
+  assert ablate.run_study('sw_table3', scale='smoke', out=str(tmp_path)) is None
+  assert len(calls) == 1 and 'stopped; run the same command' in capsys.readouterr().out
+  assert not os.path.exists(tmp_path / 'sw_table3' / 'sw_table3.json')
