@@ -8,6 +8,7 @@ be overridden on the command line (``--config.model.moe.num_experts=16``). Tuple
 from __future__ import annotations
 
 import difflib
+import math
 import re
 
 import ml_collections
@@ -308,12 +309,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
                'model.d_kv', 'model.d_ff', 'model.init_scale', 'model.moe.group_size',
                'data.inputs_length', 'data.targets_length', 'train.num_steps',
                'train.batch_size', 'train.log_every', 'train.eval_every',
-               'train.checkpoint_every', 'optim.learning_rate'):
+               'train.checkpoint_every'):
     section, *rest = name.split('.')
     value = c[section]
     for key in rest:
       value = value[key]
     _positive(name, value)
+  if not (math.isfinite(o.learning_rate) and o.learning_rate > 0):
+    raise ValueError(f'optim.learning_rate={o.learning_rate!r}: must be finite and > 0')
   if e.every < 0:
     raise ValueError(f'model.moe.every={e.every}: must be >= 0 (0 = dense)')
   if e.every > 0:
@@ -324,6 +327,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f'model.moe.min_capacity={e.min_capacity}: must be >= 0')
     if not 0.0 <= e.jitter < 1.0:
       raise ValueError(f'model.moe.jitter={e.jitter}: must be in [0, 1)')
+    for name in ('load_balance_loss', 'router_z_loss', 'importance_loss'):
+      _at_least(f'model.moe.{name}', e[name], 0)
     _validate_routing(e, m.arch)
   for name, rate in (('model.dropout_rate', m.dropout_rate),
                      ('model.moe.expert_dropout', e.expert_dropout)):

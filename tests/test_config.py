@@ -80,6 +80,16 @@ BAD = [
     (setter('seed', -1), r"^seed=-1: must be >= 0$"),
     (setter('model.dropout_rate', 1.0), r"^model\.dropout_rate=1\.0: must be in \[0, 1\)$"),
     (setter('train.batch_size', 0), r"^train\.batch_size=0: must be > 0$"),
+    (setter('optim.learning_rate', float('inf')), r"^optim\.learning_rate=inf: must be finite "
+                                                  r"and > 0$"),
+    (setter('optim.learning_rate', float('nan')), r"^optim\.learning_rate=nan: must be finite "
+                                                  r"and > 0$"),
+    (setter('optim.learning_rate', 0.0), r"^optim\.learning_rate=0\.0: must be finite and > 0$"),
+    (setter('model.moe.router_z_loss', -0.1), r"^model\.moe\.router_z_loss=-0\.1: must be >= 0$"),
+    (setter('model.moe.load_balance_loss', -0.01), r"^model\.moe\.load_balance_loss=-0\.01: "
+                                                   r"must be >= 0$"),
+    (setter('model.moe.importance_loss', -1.0), r"^model\.moe\.importance_loss=-1\.0: must be "
+                                                r">= 0$"),
     # combinations owned by the router options
     (lambda c: (decoder(c), setter('model.moe.batch_prioritized', True)(c)),
      r"^model\.moe\.batch_prioritized=True: .*decoder"),
