@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.min_capacity = 4
   e.load_balance_loss = 0.01   # alpha
   e.router_z_loss = 0.001
-  e.jitter = 0.0               # multiplicative router-input noise epsilon (SW App. C: 0.01)
+  e.jitter = 0.0               # epsilon of exploration='input_jitter' (SW App. C: 0.01)
   e.expert_dropout = 0.0       # dropout inside experts (0.4 when fine-tuning, SW §4)
   e.router_dtype = 'float32'   # selective precision
   e.router = 'switch'          # 'switch' (top-1) | 'topk' | 'experts_choose'
@@ -173,8 +173,12 @@ def _validate_routing(e: ml_collections.ConfigDict, arch: str) -> None:
                      'topk); experts_choose is capacity-bound by definition')
   if e.ntlb_rounds and e.router != 'switch':
     raise ValueError(f'model.moe.ntlb_rounds={e.ntlb_rounds}: only for router="switch"')
-  if e.exploration != 'argmax' and e.router != 'switch':
+  # Input jitter and dropout act on the router input, which every router has.
+  if e.exploration == 'sample_softmax' and e.router != 'switch':
     raise ValueError(f'model.moe.exploration={e.exploration!r}: only for router="switch"')
+  if e.jitter > 0 and e.exploration != 'input_jitter':
+    raise ValueError(f'model.moe.jitter={e.jitter}: no effect with exploration='
+                     f'{e.exploration!r}; allowed: 0.0, or exploration="input_jitter"')
   if e.exploration == 'input_jitter' and e.jitter <= 0:
     raise ValueError('model.moe.exploration="input_jitter": set model.moe.jitter > 0 '
                      '(SW App. C uses 0.01)')

@@ -190,6 +190,8 @@ class MoeLayer(nnx.Module):
     if dispatch == 'dropless' and options.router == 'experts_choose':
       raise ValueError('model.moe.dispatch="dropless" needs a tokens-choose router; '
                        'experts_choose is capacity-bound by definition')
+    # Each exploration mode reads its own field; in any other mode that field does nothing.
+    jitter = jitter if options.exploration == 'input_jitter' else 0.0
     input_dropout = router_input_dropout if options.exploration == 'input_dropout' else 0.0
     self.router = routing.Router(dim, num_experts, init_scale=init_scale, jitter=jitter,
                                  input_dropout=input_dropout, dtype=router_dtype,

@@ -150,7 +150,8 @@ class Router(nnx.Module):
   precision).
 
   In training, ``jitter`` > 0 multiplies the input by Uniform[1 - jitter, 1 + jitter] (SW
-  App. C) and ``input_dropout`` > 0 applies dropout to it (SW Table 11). With
+  App. C) and ``input_dropout`` > 0 applies dropout to it (SW Table 11); `moe.MoeLayer` sets
+  each only in its own exploration mode (``input_jitter``, ``input_dropout``). With
   ``expert_bias`` the router also holds the aux-loss-free balancing bias ``expert_bias``
   (float32 [E], zeros at init), which `route` adds to the probabilities to choose experts.
   """

@@ -676,7 +676,8 @@ def test_sample_softmax_routing_samples_in_training_only():
 
 
 @pytest.mark.parametrize('exploration,kw', [('sample_softmax', {}),
-                                            ('input_dropout', {'input_dropout': 0.5})])
+                                            ('input_dropout', {'input_dropout': 0.5}),
+                                            ('input_jitter', {'jitter': 0.5})])
 def test_exploration_layer_train_vs_eval(exploration, kw):
   x = jnp.asarray(random_x(12))
   common = dict(num_experts=4, capacity_factor=4.0, seed=3, router_std=0.5)
@@ -686,15 +687,15 @@ def test_exploration_layer_train_vs_eval(exploration, kw):
   np.testing.assert_array_equal(np.asarray(call(explore, x, True, None)[0]), np.asarray(y_eval))
   np.testing.assert_array_equal(np.asarray(call(explore, x, True, ALL_STREAMS())[0]),
                                 np.asarray(y_eval))
-  if exploration == 'input_dropout':
-    # argmax layers ignore router_input_dropout in training (it acts only when exploring).
-    np.testing.assert_array_equal(np.asarray(call(plain, x, False, ALL_STREAMS())[0]),
-                                  np.asarray(y_eval))
+  # argmax layers ignore router_input_dropout and jitter in training: each field acts only
+  # in its own exploration mode.
+  np.testing.assert_array_equal(np.asarray(call(plain, x, False, ALL_STREAMS())[0]),
+                                np.asarray(y_eval))
   y_train = np.asarray(call(explore, x, False, ALL_STREAMS())[0])
   assert not np.array_equal(y_train, np.asarray(y_eval))
   assert not np.array_equal(y_train, np.asarray(call(explore, x, False, ALL_STREAMS(7))[0]))
   # In training the chosen expert moves for some tokens, not just the gate.
-  if exploration == 'input_dropout':
+  if exploration != 'sample_softmax':
     xs = x.reshape(2, 8, D)
     logits_eval, _ = explore.router(xs, deterministic=True, rngs=None)
     logits_train, _ = explore.router(xs, deterministic=False, rngs=ALL_STREAMS())
@@ -738,7 +739,7 @@ def test_missing_stream_raises():
   x = jnp.asarray(random_x(0))
   for kw in ({'exploration': 'sample_softmax'},
              {'exploration': 'input_dropout', 'input_dropout': 0.3},
-             {'jitter': 0.1},
+             {'exploration': 'input_jitter', 'jitter': 0.1},
              {'router': 'topk', 'second_policy': 'random'}):
     layer = make_layer(**kw)
     with pytest.raises(ValueError):
@@ -827,6 +828,7 @@ def test_train_step_with_sample_softmax():
 
 def test_train_step_applies_jitter():
   """jitter=0.01 changes the step's loss compared with jitter=0.0 at the same params."""
-  loss, without = _one_step(_train_config(jitter=0.01), _train_config(jitter=0.0))
+  loss, without = _one_step(_train_config(exploration='input_jitter', jitter=0.01),
+                            _train_config())
   assert loss != without
   assert abs(loss - without) < 0.05 * abs(without)

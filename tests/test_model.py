@@ -29,7 +29,7 @@ def loss_grads(c, batch):
 
 @pytest.mark.parametrize('arch', ['encoder_decoder', 'decoder'])
 def test_forward_backward_reaches_every_parameter(arch):
-  c = tiny_config(arch, every=2, jitter=0.01)
+  c = tiny_config(arch, every=2, exploration='input_jitter', jitter=0.01)
   c.model.num_layers = 4
   c.model.dropout_rate = 0.1
   (loss, metrics), grads = loss_grads(c, random_batch(c))

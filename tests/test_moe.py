@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from switchmoe.moe import MoeLayer
+from switchmoe.routing import RoutingOptions
 
 D, F = 4, 8           # d_model, d_ff
 B, L = 2, 8           # 16 tokens per batch
@@ -113,7 +114,8 @@ def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacit
   """A float32 MoeLayer with NumPy-drawn weights (built abstractly: no init compilation).
 
   Router kernel ~ N(0, router_std^2); expert and shared-expert matrices ~ N(0, 1 / fan_in);
-  the expert bias, if any, zeros.
+  the expert bias, if any, zeros. ``jitter`` > 0 comes with exploration='input_jitter', the
+  one mode that reads it.
   """
   eval_cf = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
   layer = nnx.eval_shape(lambda: MoeLayer(
@@ -121,7 +123,8 @@ def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacit
       eval_capacity_factor=eval_cf, min_capacity=min_capacity, load_balance_loss=alpha,
       router_z_loss=beta, jitter=jitter, activation=activation, init_scale=1.0,
       expert_dropout=0.0, dtype=jnp.float32, num_shared_experts=num_shared_experts,
-      expert_bias=expert_bias, rngs=nnx.Rngs(0)))
+      expert_bias=expert_bias, rngs=nnx.Rngs(0),
+      options=RoutingOptions(exploration='input_jitter' if jitter else 'argmax')))
   rs = np.random.RandomState(seed)
   for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
     std = router_std if path[0] == 'router' else 1.0 / math.sqrt(var.shape[-2])
