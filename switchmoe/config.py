@@ -8,6 +8,7 @@ be overridden on the command line (``--config.model.moe.num_experts=16``). Tuple
 from __future__ import annotations
 
 import difflib
+import math
 import re
 
 import ml_collections
@@ -51,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.min_capacity = 4
   e.load_balance_loss = 0.01   # alpha
   e.router_z_loss = 0.001
-  e.jitter = 0.0               # multiplicative router-input noise epsilon (SW App. C: 0.01)
+  e.jitter = 0.0               # epsilon of exploration='input_jitter' (SW App. C: 0.01)
   e.expert_dropout = 0.0       # dropout inside experts (0.4 when fine-tuning, SW §4)
   e.router_dtype = 'float32'   # selective precision
   e.router = 'switch'          # 'switch' (top-1) | 'topk' | 'experts_choose'
@@ -172,8 +173,12 @@ def _validate_routing(e: ml_collections.ConfigDict, arch: str) -> None:
                      'topk); experts_choose is capacity-bound by definition')
   if e.ntlb_rounds and e.router != 'switch':
     raise ValueError(f'model.moe.ntlb_rounds={e.ntlb_rounds}: only for router="switch"')
-  if e.exploration != 'argmax' and e.router != 'switch':
+  # Input jitter and dropout act on the router input, which every router has.
+  if e.exploration == 'sample_softmax' and e.router != 'switch':
     raise ValueError(f'model.moe.exploration={e.exploration!r}: only for router="switch"')
+  if e.jitter > 0 and e.exploration != 'input_jitter':
+    raise ValueError(f'model.moe.jitter={e.jitter}: no effect with exploration='
+                     f'{e.exploration!r}; allowed: 0.0, or exploration="input_jitter"')
   if e.exploration == 'input_jitter' and e.jitter <= 0:
     raise ValueError('model.moe.exploration="input_jitter": set model.moe.jitter > 0 '
                      '(SW App. C uses 0.01)')
@@ -308,12 +313,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
                'model.d_kv', 'model.d_ff', 'model.init_scale', 'model.moe.group_size',
                'data.inputs_length', 'data.targets_length', 'train.num_steps',
                'train.batch_size', 'train.log_every', 'train.eval_every',
-               'train.checkpoint_every', 'optim.learning_rate'):
+               'train.checkpoint_every'):
     section, *rest = name.split('.')
     value = c[section]
     for key in rest:
       value = value[key]
     _positive(name, value)
+  if not (math.isfinite(o.learning_rate) and o.learning_rate > 0):
+    raise ValueError(f'optim.learning_rate={o.learning_rate!r}: must be finite and > 0')
   if e.every < 0:
     raise ValueError(f'model.moe.every={e.every}: must be >= 0 (0 = dense)')
   if e.every > 0:
@@ -324,6 +331,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f'model.moe.min_capacity={e.min_capacity}: must be >= 0')
     if not 0.0 <= e.jitter < 1.0:
       raise ValueError(f'model.moe.jitter={e.jitter}: must be in [0, 1)')
+    for name in ('load_balance_loss', 'router_z_loss', 'importance_loss'):
+      _at_least(f'model.moe.{name}', e[name], 0)
     _validate_routing(e, m.arch)
   for name, rate in (('model.dropout_rate', m.dropout_rate),
                      ('model.moe.expert_dropout', e.expert_dropout)):

@@ -41,7 +41,10 @@ def routing_options(moe: ml_collections.ConfigDict, *, causal: bool) -> RoutingO
 
 
 class Block(nnx.Module):
-  """One pre-norm Transformer layer; residual branches add into x_BxLxD."""
+  """One pre-norm Transformer layer; residual branches add into x_BxLxD.
+
+  valid_BxL (bool, False on padding) reaches the Switch FFN, where padding takes no capacity.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, causal: bool, cross_attention: bool,
                moe: bool, rngs: nnx.Rngs):
@@ -74,8 +77,8 @@ class Block(nnx.Module):
                              dtype=dtype, rngs=rngs)
     self.is_moe, self.dropout_rate = moe, cfg.dropout_rate
 
-  def __call__(self, x_BxLxD, *, self_mask, self_bias, encoded=None, cross_mask=None,
-               deterministic: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x_BxLxD, *, valid_BxL, self_mask, self_bias, encoded=None,
+               cross_mask=None, deterministic: bool, rngs: nnx.Rngs | None):
     drop = lambda y: dropout(y, self.dropout_rate, rngs, deterministic)
     h = self.self_attn_norm(x_BxLxD)
     x_BxLxD = x_BxLxD + drop(self.self_attn(h, h, self_mask, self_bias,
@@ -86,7 +89,7 @@ class Block(nnx.Module):
                                                deterministic=deterministic, rngs=rngs))
     h = self.ffn_norm(x_BxLxD)
     if self.is_moe:
-      y, stats = self.ffn(h, deterministic=deterministic, rngs=rngs)
+      y, stats = self.ffn(h, deterministic=deterministic, rngs=rngs, valid_BxL=valid_BxL)
     else:
       y, stats = self.ffn(h, deterministic=deterministic, rngs=rngs), None
     x_BxLxD = constrain(x_BxLxD + drop(y), ('batch', 'length', 'embed'))
@@ -108,8 +111,8 @@ class Stack(nnx.Module):
     self.final_norm = RMSNorm(cfg.d_model, dtype=jnp.dtype(cfg.dtype))
     self.dropout_rate = cfg.dropout_rate
 
-  def __call__(self, x_BxLxD, *, self_mask, encoded=None, cross_mask=None, name: str,
-               deterministic: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x_BxLxD, *, valid_BxL, self_mask, encoded=None, cross_mask=None,
+               name: str, deterministic: bool, rngs: nnx.Rngs | None):
     length = x_BxLxD.shape[1]
     # Indices, not the batch's *_positions: within a packed segment (contiguous positions)
     # key_index - query_index == key_position - query_position, and self_mask hides keys of
@@ -119,8 +122,9 @@ class Stack(nnx.Module):
     aux = {}
     x_BxLxD = dropout(x_BxLxD, self.dropout_rate, rngs, deterministic)
     for i, layer in enumerate(self.layers):
-      x_BxLxD, stats = layer(x_BxLxD, self_mask=self_mask, self_bias=bias, encoded=encoded,
-                             cross_mask=cross_mask, deterministic=deterministic, rngs=rngs)
+      x_BxLxD, stats = layer(x_BxLxD, valid_BxL=valid_BxL, self_mask=self_mask, self_bias=bias,
+                             encoded=encoded, cross_mask=cross_mask,
+                             deterministic=deterministic, rngs=rngs)
       if stats is not None:
         aux[_aux_name(name, i)] = stats
     x_BxLxD = self.final_norm(x_BxLxD)
@@ -207,7 +211,7 @@ class LanguageModel(nnx.Module):
       inputs_BxLi = batch['encoder_input_tokens']
       encoder_segments_BxLi = segment_ids(batch, 'encoder', inputs_BxLi)
       encoded, aux = self.encoder(
-          self.embed(inputs_BxLi),
+          self.embed(inputs_BxLi), valid_BxL=encoder_segments_BxLi > 0,
           self_mask=attention_mask(encoder_segments_BxLi, encoder_segments_BxLi),
           name='encoder', deterministic=deterministic, rngs=rngs)
       if 'encoder_segment_ids' in batch and 'decoder_segment_ids' in batch:
@@ -217,7 +221,7 @@ class LanguageModel(nnx.Module):
         cross_mask = attention_mask(one_segment(decoder_segments_BxLt),
                                     one_segment(encoder_segments_BxLi))
     x_BxLtxD, decoder_aux = self.decoder(
-        self.embed(batch['decoder_input_tokens']),
+        self.embed(batch['decoder_input_tokens']), valid_BxL=decoder_segments_BxLt > 0,
         self_mask=attention_mask(decoder_segments_BxLt, decoder_segments_BxLt, causal=True,
                                  prefix_BxL=batch.get('decoder_causal_attention')),
         encoded=encoded, cross_mask=cross_mask, name='decoder', deterministic=deterministic,

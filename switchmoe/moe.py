@@ -141,16 +141,21 @@ def routing_groups(num_tokens: int, group_size: int) -> tuple[int, int]:
   return num_tokens // size, size
 
 
-def router_stats(logits_GxSxE, probs_GxSxE, r: routing.Routing) -> dict[str, jax.Array]:
-  """Unweighted diagnostics of one layer's routing (all float32 scalars but expert_fraction_E)."""
+def router_stats(logits_GxSxE, probs_GxSxE, r: routing.Routing,
+                 valid_GxS: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Unweighted diagnostics of one layer's routing over its real tokens (``valid_GxS``; None:
+  all), all float32 scalars but expert_fraction_E."""
   num_experts = probs_GxSxE.shape[-1]
+  valid_GxS = routing.real_tokens(valid_GxS, probs_GxSxE.shape)
   top1_GxS = jnp.argmax(probs_GxSxE, axis=-1)
   routed_GxS = jnp.sum(r.kept_GxSxK, axis=-1)
+  # Padding is never kept, so the kept load is the real tokens' already.
   load_E = jnp.sum(jax.nn.one_hot(r.expert_index_GxSxK, num_experts) *
                    r.kept_GxSxK[..., None], axis=(0, 1, 2))
-  mean = lambda a: jnp.mean(a.astype(jnp.float32))
+  mean = lambda a: routing.masked_mean(a.astype(jnp.float32), valid_GxS)
   return {
-      'expert_fraction_E': jnp.mean(jax.nn.one_hot(top1_GxS, num_experts), axis=(0, 1)),
+      'expert_fraction_E': routing.masked_mean(jax.nn.one_hot(top1_GxS, num_experts),
+                                               valid_GxS[..., None], axis=(0, 1)),
       'dropped_fraction': mean(routed_GxS == 0),
       'routed_to_1': mean(routed_GxS == 1),
       'routed_to_2plus': mean(routed_GxS >= 2),
@@ -165,6 +170,8 @@ class MoeLayer(nnx.Module):
 
   Call: x_BxLxD -> (y_BxLxD, stats). Tokens routed nowhere get y = 0 (but for the shared
   experts' output, if any), so the surrounding residual connection carries them through.
+  ``valid_BxL`` (bool, None: all True) is False on padding: it takes no capacity, counts in no
+  aux loss or diagnostic, and gets y = 0, shared experts' output included.
 
   ``num_shared_experts`` > 0 (DeepSeekMoE) adds always-on experts that every token passes
   through: y = shared(x) + routed(x). They are one dense FFN of width num_shared_experts *
@@ -190,6 +197,8 @@ class MoeLayer(nnx.Module):
     if dispatch == 'dropless' and options.router == 'experts_choose':
       raise ValueError('model.moe.dispatch="dropless" needs a tokens-choose router; '
                        'experts_choose is capacity-bound by definition')
+    # Each exploration mode reads its own field; in any other mode that field does nothing.
+    jitter = jitter if options.exploration == 'input_jitter' else 0.0
     input_dropout = router_input_dropout if options.exploration == 'input_dropout' else 0.0
     self.router = routing.Router(dim, num_experts, init_scale=init_scale, jitter=jitter,
                                  input_dropout=input_dropout, dtype=router_dtype,
@@ -221,22 +230,24 @@ class MoeLayer(nnx.Module):
     bias = self.router.expert_bias
     bias[...] = routing.balance_bias(bias[...], stats['selected_fraction_E'], rate)
 
-  def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
+               valid_BxL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns y_BxLxD and stats: the weighted aux losses (``load_balance`` = alpha * E *
     sum_i f_i P_i, ``importance``, ``z_loss``) and `router_stats` diagnostics; with an expert
     bias also ``selected_fraction_E`` (share of the router's choices per expert, before
-    capacity) and ``expert_bias_max`` (max |b|)."""
+    capacity) and ``expert_bias_max`` (max |b|). All average over real tokens."""
     b, l, d = x_BxLxD.shape
     g, s = routing_groups(b * l, self.group_size)
     capacity = self.capacity(s, deterministic)
+    valid_BxL = routing.real_tokens(valid_BxL, (b, l))
+    valid_GxS = valid_BxL.reshape(g, s)
     x_GxSxD = constrain(x_BxLxD.reshape(g, s, d), ('batch', None, 'embed'))
     logits, probs = self.router(x_GxSxD, deterministic=deterministic, rngs=rngs)
     logits_GxSxE, probs_GxSxE = logits.astype(jnp.float32), probs.astype(jnp.float32)
     bias = self.router.expert_bias
     bias_E = None if bias is None else bias[...]
     r = routing.route(logits_GxSxE, probs_GxSxE, capacity, self.options,
-                      deterministic=deterministic, rngs=rngs, bias_E=bias_E)
+                      deterministic=deterministic, rngs=rngs, bias_E=bias_E, valid_GxS=valid_GxS)
     if self.sow_routing:
       self.sow(nnx.Intermediate, 'routing', r)
 
@@ -262,18 +273,20 @@ class MoeLayer(nnx.Module):
     y_GxSxD = constrain(y_GxSxD.astype(self.dtype), ('batch', None, 'embed'))
     y_BxLxD = y_GxSxD.reshape(b, l, d)
     if self.shared is not None:
-      y_BxLxD = y_BxLxD + self.shared(x_BxLxD, deterministic=deterministic, rngs=rngs)
+      shared_BxLxD = self.shared(x_BxLxD, deterministic=deterministic, rngs=rngs)
+      y_BxLxD = y_BxLxD + jnp.where(valid_BxL[..., None], shared_BxLxD, 0)
 
     losses = {
-        'load_balance': routing.load_balance_loss(probs_GxSxE, jnp.argmax(probs_GxSxE, -1)),
-        'importance': routing.importance_loss(probs_GxSxE),
-        'z_loss': routing.router_z_loss(logits_GxSxE),
+        'load_balance': routing.load_balance_loss(probs_GxSxE, jnp.argmax(probs_GxSxE, -1),
+                                                  valid_GxS),
+        'importance': routing.importance_loss(probs_GxSxE, valid_GxS),
+        'z_loss': routing.router_z_loss(logits_GxSxE, valid_GxS),
     }
     stats = {name: self.weights[name] * value for name, value in losses.items()}
-    stats.update(router_stats(logits_GxSxE, probs_GxSxE, r))
+    stats.update(router_stats(logits_GxSxE, probs_GxSxE, r, valid_GxS))
     if bias_E is not None:
-      stats['selected_fraction_E'] = jnp.mean(jax.nn.one_hot(r.selected_GxSxK, e),
-                                              axis=(0, 1, 2))
+      stats['selected_fraction_E'] = routing.masked_mean(
+          jax.nn.one_hot(r.selected_GxSxK, e), valid_GxS[..., None, None], axis=(0, 1, 2))
       stats['expert_bias_max'] = jnp.max(jnp.abs(bias_E))
     return y_BxLxD, stats
 

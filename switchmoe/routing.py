@@ -16,6 +16,10 @@ gate take capacity first, instead of sequence order. They can also balance witho
 (Wang et al. 2024, DeepSeek-V3): a per-expert bias b_E, added to the probabilities only to
 choose experts, moves after each training step toward an even load (`balance_bias`).
 
+Padding (``valid_GxS`` False: padding, or segment id 0 in a packed row) routes nowhere, as in
+Mesh TensorFlow: every router gives it no slot (an expert never picks it), and the aux losses
+average over real tokens only. ``valid_GxS`` None means every token is real.
+
 Shape suffixes: G groups, S tokens per group, D d_model, E experts, K choices per token,
 C capacity (slots per expert per group).
 """
@@ -107,29 +111,50 @@ def assign_slots(expert_index_GxSxK: jax.Array, num_experts: int, capacity: int,
   return position, kept
 
 
-def load_balance_loss(probs_GxSxE: jax.Array, expert_index_GxS: jax.Array) -> jax.Array:
+def real_tokens(valid_GxS: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+  """valid_GxS, or all True for a [G, S, ...] ``shape`` when it is None."""
+  return jnp.ones(shape[:2], bool) if valid_GxS is None else valid_GxS
+
+
+def masked_mean(x: jax.Array, valid: jax.Array, axis=None) -> jax.Array:
+  """Mean of ``x`` over ``axis`` counting only entries where ``valid`` (bool, broadcast to
+  x's shape); 0 where nothing is valid."""
+  valid = jnp.broadcast_to(valid, x.shape)
+  count = jnp.sum(valid, axis=axis, dtype=x.dtype)
+  return jnp.sum(jnp.where(valid, x, 0), axis=axis) / jnp.maximum(count, 1)
+
+
+def load_balance_loss(probs_GxSxE: jax.Array, expert_index_GxS: jax.Array,
+                      valid_GxS: jax.Array | None = None) -> jax.Array:
   """Switch loss N * sum_i f_i * P_i per group, averaged over groups (1.0 when uniform).
 
-  f_i: fraction of the group's tokens whose top choice is expert i (no gradient flows through
-  the argmax); P_i: mean router probability of expert i over the group.
+  f_i: fraction of the group's real tokens whose top choice is expert i (no gradient flows
+  through the argmax); P_i: mean router probability of expert i over them. Groups without a
+  real token do not count.
   """
   num_experts = probs_GxSxE.shape[-1]
-  f_GxE = jnp.mean(jax.nn.one_hot(expert_index_GxS, num_experts, dtype=jnp.float32), axis=1)
-  p_GxE = jnp.mean(probs_GxSxE, axis=1)
-  return num_experts * jnp.mean(jnp.sum(f_GxE * p_GxE, axis=-1))
+  valid_GxS = real_tokens(valid_GxS, probs_GxSxE.shape)
+  group_mean = lambda a_GxSxE: masked_mean(a_GxSxE, valid_GxS[..., None], axis=1)
+  f_GxE = group_mean(jax.nn.one_hot(expert_index_GxS, num_experts, dtype=jnp.float32))
+  p_GxE = group_mean(probs_GxSxE)
+  return num_experts * masked_mean(jnp.sum(f_GxE * p_GxE, axis=-1), jnp.any(valid_GxS, axis=1))
 
 
-def importance_loss(probs_GxSxE: jax.Array) -> jax.Array:
+def importance_loss(probs_GxSxE: jax.Array, valid_GxS: jax.Array | None = None) -> jax.Array:
   """GShard / V-MoE importance loss: squared coefficient of variation of the per-expert
-  probability mass in each group, averaged over groups (0 when perfectly even)."""
-  importance_GxE = jnp.sum(probs_GxSxE, axis=1)
+  probability mass of each group's real tokens, averaged over groups that have one (0 when
+  perfectly even)."""
+  valid_GxS = real_tokens(valid_GxS, probs_GxSxE.shape)
+  importance_GxE = jnp.sum(jnp.where(valid_GxS[..., None], probs_GxSxE, 0.0), axis=1)
   mean = jnp.mean(importance_GxE, axis=-1)
-  return jnp.mean(jnp.var(importance_GxE, axis=-1) / jnp.square(mean + 1e-9))
+  return masked_mean(jnp.var(importance_GxE, axis=-1) / jnp.square(mean + 1e-9),
+                     jnp.any(valid_GxS, axis=1))
 
 
-def router_z_loss(logits_GxSxE: jax.Array) -> jax.Array:
-  """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2."""
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_GxSxE, axis=-1)))
+def router_z_loss(logits_GxSxE: jax.Array, valid_GxS: jax.Array | None = None) -> jax.Array:
+  """ST-MoE z-loss: mean over real tokens of logsumexp(logits)^2."""
+  return masked_mean(jnp.square(jax.nn.logsumexp(logits_GxSxE, axis=-1)),
+                     real_tokens(valid_GxS, logits_GxSxE.shape))
 
 
 def balance_bias(bias_E: jax.Array, selected_E: jax.Array,
@@ -150,7 +175,8 @@ class Router(nnx.Module):
   precision).
 
   In training, ``jitter`` > 0 multiplies the input by Uniform[1 - jitter, 1 + jitter] (SW
-  App. C) and ``input_dropout`` > 0 applies dropout to it (SW Table 11). With
+  App. C) and ``input_dropout`` > 0 applies dropout to it (SW Table 11); `moe.MoeLayer` sets
+  each only in its own exploration mode (``input_jitter``, ``input_dropout``). With
   ``expert_bias`` the router also holds the aux-loss-free balancing bias ``expert_bias``
   (float32 [E], zeros at init), which `route` adds to the probabilities to choose experts.
   """
@@ -195,7 +221,7 @@ def _selection_scores(probs_GxSxE: jax.Array, bias_E: jax.Array | None) -> jax.A
 
 def switch_top1(probs_GxSxE: jax.Array, capacity: int, *, priority_GxS: jax.Array | None = None,
                 ntlb_rounds: int = 0, expert_index_GxS: jax.Array | None = None,
-                bias_E: jax.Array | None = None) -> Routing:
+                bias_E: jax.Array | None = None, valid_GxS: jax.Array | None = None) -> Routing:
   """Switch routing: each token goes to its top expert, gated by that probability.
 
   ``expert_index_GxS`` overrides the argmax (exploration by sampling). With ``ntlb_rounds``
@@ -208,14 +234,17 @@ def switch_top1(probs_GxSxE: jax.Array, capacity: int, *, priority_GxS: jax.Arra
   if expert_index_GxS is None:
     expert_index_GxS = jnp.argmax(scores_GxSxE, axis=-1)
   expert = selected = expert_index_GxS[..., None]
-  position, kept = assign_slots(expert, num_experts, capacity, priority_GxS=priority_GxS)
+  valid_GxSx1 = real_tokens(valid_GxS, probs_GxSxE.shape)[..., None]
+  position, kept = assign_slots(expert, num_experts, capacity, valid_GxSxK=valid_GxSx1,
+                                priority_GxS=priority_GxS)
   if ntlb_rounds:
     ranked_GxSxE = jnp.argsort(-scores_GxSxE, axis=-1)
     for r in range(1, min(ntlb_rounds, num_experts - 1) + 1):
       used_GxE = jnp.sum(jax.nn.one_hot(expert[..., 0], num_experts, dtype=jnp.int32) *
                          kept, axis=1)
       candidate = ranked_GxSxE[..., r:r + 1]
-      new_position, new_kept = assign_slots(candidate, num_experts, capacity, valid_GxSxK=~kept,
+      new_position, new_kept = assign_slots(candidate, num_experts, capacity,
+                                            valid_GxSxK=valid_GxSx1 & ~kept,
                                             priority_GxS=priority_GxS, used_GxE=used_GxE)
       expert = jnp.where(new_kept, candidate, expert)
       position = jnp.where(new_kept, new_position, position)
@@ -227,7 +256,7 @@ def switch_top1(probs_GxSxE: jax.Array, capacity: int, *, priority_GxS: jax.Arra
 def top_k(probs_GxSxE: jax.Array, capacity: int, k: int, *, renormalize: bool,
           second_policy: str = 'all', second_threshold: float = 0.2,
           rng: jax.Array | None = None, priority_GxS: jax.Array | None = None,
-          bias_E: jax.Array | None = None) -> Routing:
+          bias_E: jax.Array | None = None, valid_GxS: jax.Array | None = None) -> Routing:
   """Tokens choose their k most probable experts; first choices are served first.
 
   ``second_policy='random'`` (Mesh TF): the second choice is made only with probability
@@ -238,28 +267,35 @@ def top_k(probs_GxSxE: jax.Array, capacity: int, k: int, *, renormalize: bool,
   gate_GxSxK = jnp.take_along_axis(probs_GxSxE, expert_GxSxK, axis=-1)
   if renormalize:
     gate_GxSxK = gate_GxSxK / jnp.sum(gate_GxSxK, axis=-1, keepdims=True)
-  valid = jnp.ones(expert_GxSxK.shape, bool)
+  valid = jnp.broadcast_to(real_tokens(valid_GxS, probs_GxSxE.shape)[..., None],
+                           expert_GxSxK.shape)
   if second_policy == 'random' and k > 1:
     if rng is None:
       raise ValueError('model.moe.second_policy="random" needs the "second_expert" rng stream')
     draw_GxS = jax.random.uniform(rng, gate_GxSxK.shape[:2])
-    valid = valid.at[..., 1].set(draw_GxS < gate_GxSxK[..., 1] / second_threshold)
+    second_GxS = draw_GxS < gate_GxSxK[..., 1] / second_threshold
+    valid = valid.at[..., 1].set(valid[..., 1] & second_GxS)
   position, kept = assign_slots(expert_GxSxK, probs_GxSxE.shape[-1], capacity,
                                 valid_GxSxK=valid, priority_GxS=priority_GxS)
   return _routing(expert_GxSxK, gate_GxSxK, position, kept)
 
 
-def experts_choose(probs_GxSxE: jax.Array, capacity: int) -> Routing:
-  """Each expert takes the ``capacity`` tokens with the highest probability for it.
+def experts_choose(probs_GxSxE: jax.Array, capacity: int,
+                   valid_GxS: jax.Array | None = None) -> Routing:
+  """Each expert takes the ``capacity`` real tokens with the highest probability for it.
 
   K = E: choice e of a token is expert e, kept if the expert picked the token. A token may be
   picked by several experts or none.
   """
   g, s, e = probs_GxSxE.shape
   capacity = min(capacity, s)
-  _, token_GxExC = jax.lax.top_k(jnp.swapaxes(probs_GxSxE, 1, 2), capacity)
+  valid_GxS = real_tokens(valid_GxS, probs_GxSxE.shape)
+  # Padding ranks below every probability: an expert reaches it only once out of real tokens,
+  # and does not keep it then.
+  scores_GxExS = jnp.where(valid_GxS[:, None, :], jnp.swapaxes(probs_GxSxE, 1, 2), -1.0)
+  _, token_GxExC = jax.lax.top_k(scores_GxExS, capacity)
   picked_GxExCxS = jax.nn.one_hot(token_GxExC, s, dtype=jnp.int32)
-  kept_GxSxE = jnp.swapaxes(jnp.sum(picked_GxExCxS, axis=2), 1, 2) > 0
+  kept_GxSxE = (jnp.swapaxes(jnp.sum(picked_GxExCxS, axis=2), 1, 2) > 0) & valid_GxS[..., None]
   rank_C = jnp.arange(capacity, dtype=jnp.int32)
   position_GxSxE = jnp.swapaxes(jnp.einsum('gecs,c->ges', picked_GxExCxS, rank_C), 1, 2)
   expert_GxSxE = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, s, e))
@@ -268,16 +304,17 @@ def experts_choose(probs_GxSxE: jax.Array, capacity: int) -> Routing:
 
 def route(logits_GxSxE: jax.Array, probs_GxSxE: jax.Array, capacity: int,
           options: RoutingOptions, *, deterministic: bool, rngs: nnx.Rngs | None,
-          bias_E: jax.Array | None = None) -> Routing:
+          bias_E: jax.Array | None = None, valid_GxS: jax.Array | None = None) -> Routing:
   """Applies the configured router to float32 router outputs.
 
   ``bias_E``: the aux-loss-free balancing bias of a tokens-choose router. BPR priority stays
   the top gate: for top-1, a per-expert constant could not reorder one expert's queue anyway.
+  ``valid_GxS``: bool, False on padding, which routes nowhere (None: all tokens are real).
   """
   o = options
   priority = jnp.max(probs_GxSxE, axis=-1) if o.batch_prioritized else None
   if o.router == 'experts_choose':
-    return experts_choose(probs_GxSxE, capacity)
+    return experts_choose(probs_GxSxE, capacity, valid_GxS)
   if o.router == 'topk':
     rng = None
     if o.second_policy == 'random' and not deterministic:
@@ -285,10 +322,10 @@ def route(logits_GxSxE: jax.Array, probs_GxSxE: jax.Array, capacity: int,
     return top_k(probs_GxSxE, capacity, o.num_selected, renormalize=o.renormalize_gates,
                  second_policy=o.second_policy if not deterministic else 'all',
                  second_threshold=o.second_threshold, rng=rng, priority_GxS=priority,
-                 bias_E=bias_E)
+                 bias_E=bias_E, valid_GxS=valid_GxS)
   sampled = None
   if o.exploration == 'sample_softmax' and not deterministic:
     key = draw_key(rngs, 'router_sample', 'model.moe.exploration="sample_softmax"')
     sampled = jax.random.categorical(key, logits_GxSxE, axis=-1)
   return switch_top1(probs_GxSxE, capacity, priority_GxS=priority, ntlb_rounds=o.ntlb_rounds,
-                     expert_index_GxS=sampled, bias_E=bias_E)
+                     expert_index_GxS=sampled, bias_E=bias_E, valid_GxS=valid_GxS)

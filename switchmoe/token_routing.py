@@ -6,7 +6,7 @@ padded to ``data.inputs_length``; longer texts are cut) and reads every encoder 
 `routing.Routing` by `nnx.capture` (`moe.MoeLayer` ``sow_routing``). Routing is evaluation's:
 deterministic, at ``model.moe.eval_capacity_factor``. Rows go in batches of
 ``train.batch_size`` (empty rows fill the last one), so routing groups and capacity are those
-of evaluation: padding tokens are routed too and take slots, and a token is dropped when the
+of evaluation: padding is not routed and takes no slot, and a token is dropped when the real
 tokens before it in its group (in sequence order, or by BPR priority) filled its expert.
 `render` shows one text as a token / expert table.
 

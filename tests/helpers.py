@@ -20,6 +20,17 @@ def tiny_config(arch='encoder_decoder', **moe):
   return c
 
 
+def pad_row_0(x_BxLxD, pad_from):
+  """(x_BxLxD, valid_BxL): a copy of x whose row 0 is padding from ``pad_from`` on, every
+  padding token the same vector (as padding embeddings are): row 1's first token, so padding
+  prefers that token's expert(s)."""
+  x = x_BxLxD.copy()
+  valid = np.ones(x.shape[:2], bool)
+  valid[0, pad_from:] = False
+  x[0, pad_from:] = x[1, 0]
+  return x, valid
+
+
 def random_batch(c, seed=0):
   """Random tokens in the batch layout of switchmoe.data (padding at the ends of rows)."""
   rng = np.random.default_rng(seed)

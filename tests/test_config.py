@@ -80,6 +80,16 @@ BAD = [
     (setter('seed', -1), r"^seed=-1: must be >= 0$"),
     (setter('model.dropout_rate', 1.0), r"^model\.dropout_rate=1\.0: must be in \[0, 1\)$"),
     (setter('train.batch_size', 0), r"^train\.batch_size=0: must be > 0$"),
+    (setter('optim.learning_rate', float('inf')), r"^optim\.learning_rate=inf: must be finite "
+                                                  r"and > 0$"),
+    (setter('optim.learning_rate', float('nan')), r"^optim\.learning_rate=nan: must be finite "
+                                                  r"and > 0$"),
+    (setter('optim.learning_rate', 0.0), r"^optim\.learning_rate=0\.0: must be finite and > 0$"),
+    (setter('model.moe.router_z_loss', -0.1), r"^model\.moe\.router_z_loss=-0\.1: must be >= 0$"),
+    (setter('model.moe.load_balance_loss', -0.01), r"^model\.moe\.load_balance_loss=-0\.01: "
+                                                   r"must be >= 0$"),
+    (setter('model.moe.importance_loss', -1.0), r"^model\.moe\.importance_loss=-1\.0: must be "
+                                                r">= 0$"),
     # combinations owned by the router options
     (lambda c: (decoder(c), setter('model.moe.batch_prioritized', True)(c)),
      r"^model\.moe\.batch_prioritized=True: .*decoder"),
@@ -96,6 +106,22 @@ BAD = [
                                                    r"must be >= 0$"),
     (setter('model.moe.num_shared_experts', -1), r"^model\.moe\.num_shared_experts=-1: must "
                                                  r"be >= 0$"),
+    # exploration fields that the chosen mode would not read
+    (setter('model.moe.jitter', 0.01), r"^model\.moe\.jitter=0\.01: no effect with "
+                                       r"exploration='argmax'; allowed: 0\.0, or "
+                                       r'exploration="input_jitter"$'),
+    (lambda c: (setter('model.moe.exploration', 'input_dropout')(c),
+                setter('model.moe.jitter', 0.01)(c)),
+     r"^model\.moe\.jitter=0\.01: no effect with exploration='input_dropout'"),
+    (setter('model.moe.exploration', 'input_jitter'), r'^model\.moe\.exploration="input_jitter"'
+                                                      r': set model\.moe\.jitter > 0'),
+    (lambda c: (setter('model.moe.exploration', 'input_dropout')(c),
+                setter('model.moe.router_input_dropout', 0.0)(c)),
+     r'^model\.moe\.router_input_dropout=0\.0: must be in \(0, 1\) for '
+     r'exploration="input_dropout"$'),
+    (lambda c: (setter('model.moe.router', 'topk')(c),
+                setter('model.moe.exploration', 'sample_softmax')(c)),
+     r"^model\.moe\.exploration='sample_softmax': only for router=\"switch\"$"),
 ]
 
 
@@ -117,6 +143,13 @@ def test_shipped_configs_are_valid():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config_lib.validate(module.get_config())
+
+
+@pytest.mark.parametrize('router', ['switch', 'topk', 'experts_choose'])
+def test_router_input_exploration_works_with_every_router(router):
+  """Input jitter and input dropout act on the router's input, which every router has."""
+  config_lib.validate(tiny_config(router=router, exploration='input_jitter', jitter=0.01))
+  config_lib.validate(tiny_config(router=router, exploration='input_dropout'))
 
 
 def test_group_size_is_capped_at_the_batch_tokens():

@@ -9,6 +9,7 @@ The references below call no library code. Each routes one group of S tokens at 
 - no-token-left-behind: after top-1 routing, in round r = 1, 2, ... each still-dropped token
   (same order) tries its (r+1)-th ranked expert and takes a slot if one is left.
 - experts choose: expert e keeps the ``capacity`` tokens of the group with the highest p_e.
+- padding: each group's real tokens route alone, at the same capacity; padding routes nowhere.
 
 The MoE output reference is a per-expert loop: y[token] = sum over kept choices of
 gate * FFN_expert(x[token]), FFN(x) = relu(x @ wi) @ wo.
@@ -28,8 +29,9 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from switchmoe import moe, routing
+from switchmoe import moe, routing, sharding
 from switchmoe.moe import MoeLayer
+from tests.helpers import pad_row_0
 
 D, F = 4, 8           # d_model, d_ff
 B, L = 2, 8           # 16 tokens per batch
@@ -128,12 +130,30 @@ def ref_route(probs, capacity, *, router, k=2, renormalize=True, prioritized=Fal
   return ref_ntlb(probs, capacity, ntlb, prioritized=prioritized)
 
 
+def ref_route_real(probs_GxSxE, capacity, valid_GxS, **route_kw):
+  """`ref_route` of each group's real tokens alone (``valid_GxS`` True), at the same
+  capacity. Padding routes nowhere: expert and position -1, gate 0, kept False."""
+  g, s, _ = probs_GxSxE.shape
+  routed = None
+  for gi in range(g):
+    real = np.flatnonzero(valid_GxS[gi])
+    part = ref_route(probs_GxSxE[gi:gi + 1, real], capacity, **route_kw)
+    if routed is None:
+      k = part[0].shape[-1]
+      routed = (-np.ones((g, s, k), int), np.zeros((g, s, k)), -np.ones((g, s, k), int),
+                np.zeros((g, s, k), bool))
+    for full, got in zip(routed, part):
+      full[gi, real] = got[0]
+  return routed
+
+
 def ref_ffn(x_D, wi_DxF, wo_FxD):
   return np.maximum(x_D @ wi_DxF, 0.0) @ wo_FxD
 
 
-def ref_moe(x_BxLxD, w, *, group_size, capacity, **route_kw):
-  """Float64 MoE layer, per-expert loop. Returns (y_BxLxD, probs_GxSxE, routing tuple)."""
+def ref_moe(x_BxLxD, w, *, group_size, capacity, valid_BxL=None, **route_kw):
+  """Float64 MoE layer, per-expert loop; ``valid_BxL`` (bool, None: all True) is False on
+  padding. Returns (y_BxLxD, probs_GxSxE, routing tuple)."""
   x = np.asarray(x_BxLxD, np.float64)
   xs = x.reshape(-1, x.shape[-1])
   n = xs.shape[0]
@@ -141,7 +161,9 @@ def ref_moe(x_BxLxD, w, *, group_size, capacity, **route_kw):
   g = n // s
   wr, wi, wo = (np.asarray(w[k], np.float64) for k in ('router', 'wi', 'wo'))
   probs = np_softmax(xs @ wr).reshape(g, s, -1)
-  expert, gate, position, kept = ref_route(probs, capacity, **route_kw)
+  valid = np.ones(n, bool) if valid_BxL is None else np.asarray(valid_BxL)
+  expert, gate, position, kept = ref_route_real(probs, capacity, valid.reshape(g, s),
+                                                **route_kw)
   y = np.zeros_like(xs)
   for e in range(wr.shape[1]):
     for gi, t, kk in zip(*np.nonzero(kept & (expert == e))):
@@ -219,8 +241,8 @@ def weights(layer):
 
 
 @nnx.jit(static_argnames='deterministic')
-def call(layer, x, deterministic=True, rngs=None):
-  return layer(x, deterministic=deterministic, rngs=rngs)
+def call(layer, x, deterministic=True, rngs=None, valid=None):
+  return layer(x, deterministic=deterministic, rngs=rngs, valid_BxL=valid)
 
 
 def random_x(seed, shape=(B, L, D)):
@@ -550,6 +572,61 @@ def test_routing_properties(case):
                          compare_dropped_expert=kind != 'switch_ntlb')
 
 
+def _padded_logits(seed, shape):
+  """(logits, valid): random router logits; padding (about a third of the tokens, the first
+  three of group 0 among them) all prefers expert 0, and most confidently, so that routed as
+  text it would take expert 0's first slots, under BPR too."""
+  g, s, e = shape
+  rs = np.random.RandomState(seed)
+  logits = 2.0 * rs.randn(g, s, e)
+  valid = rs.rand(g, s) > 0.35
+  valid[0, :3] = False
+  logits[~valid] = [6.0] + [0.0] * (e - 1)
+  return logits.astype(np.float32), valid
+
+
+@pytest.mark.parametrize('kind', _ROUTER_KINDS + ('topk_random', 'switch_bias', 'topk_bias'))
+def test_padding_routes_nowhere_and_takes_no_capacity(kind):
+  """Every router: padding gets no slot (experts_choose: no expert picks it) and gate 0, and
+  the real tokens route as if alone (per-token reference), whatever the padding holds."""
+  shape, capacity = (2, 8, 4), 2
+  logits, valid = _padded_logits(5, shape)
+  k = 2 if kind.startswith('topk') else 1
+  bias, ref_kw = None, None           # no reference for random or biased choices
+  if kind == 'topk_random':
+    o = options('topk', second_policy='random', second_threshold=0.5)
+  elif kind.endswith('_bias'):
+    o = options(kind[:-5], num_selected=k)
+    bias = jnp.asarray([0.1, 0.0, -0.1, 0.05], jnp.float32)
+  else:
+    o, ref_kw = _kind_options(kind, k)
+
+  def route(logits):
+    logits = jnp.asarray(logits)
+    rngs = ALL_STREAMS() if kind == 'topk_random' else None
+    return routing.route(logits, jax.nn.softmax(logits, -1), capacity, o,
+                         deterministic=rngs is None, rngs=rngs, bias_E=bias,
+                         valid_GxS=jnp.asarray(valid))
+
+  r = route(logits)
+  kept = np.asarray(r.kept_GxSxK)
+  assert not kept[~valid].any() and np.all(np.asarray(r.gate_GxSxK)[~valid] == 0)
+  other = np.where(valid[..., None], logits, 3.0 * np.random.RandomState(6).randn(*shape))
+  r_other = route(other.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(r_other.kept_GxSxK), kept)
+  np.testing.assert_array_equal(np.asarray(r_other.gate_GxSxK), np.asarray(r.gate_GxSxK))
+  for name in ('expert_index_GxSxK', 'position_GxSxK'):
+    np.testing.assert_array_equal(np.asarray(getattr(r_other, name))[kept],
+                                  np.asarray(getattr(r, name))[kept], name)
+  if ref_kw is not None:
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))
+    assert min_gap(probs[valid][None], True) > 1e-4
+    ref = ref_route_real(probs, capacity, valid, **ref_kw)
+    assert_routing_equal(r, ref, compare_dropped_expert=False)
+    # Not vacuous: routed as text, padding takes slots that real tokens get here.
+    assert np.any(ref[3][valid] & ~ref_route(probs, capacity, **ref_kw)[3][valid])
+
+
 _LAYER_KINDS = [('switch', 'einsum'), ('switch', 'gather'), ('switch', 'dropless'),
                 ('topk', 'einsum'), ('topk', 'gather'), ('topk', 'dropless'),
                 ('experts_choose', 'einsum'), ('experts_choose', 'gather')]
@@ -578,6 +655,44 @@ def test_dropped_tokens_give_zero_output(kind, seed):
   assert float(stats['dropped_fraction']) == pytest.approx(np.mean(routed_to == 0))
   if dispatch == 'dropless':
     assert np.all(routed_to >= 1)
+
+
+@pytest.mark.parametrize('router,dispatch', _LAYER_KINDS)
+def test_padding_gets_zero_output_and_takes_no_capacity(router, dispatch):
+  """One group over both rows, row 0 padded after 3 tokens: every dispatch gives the real
+  tokens the per-expert reference's output for them routed alone, and padding 0."""
+  layer = make_layer(router=router, dispatch=dispatch, group_size=16, seed=2)
+  x, valid = pad_row_0(random_x(3), 3)
+  y, stats = call(layer, jnp.asarray(x), True, None, jnp.asarray(valid))
+  y_ref, probs, ref_r = ref_moe(x, weights(layer), group_size=16,
+                                capacity=layer.capacity(16, True), valid_BxL=valid,
+                                router=router)
+  assert min_gap(probs.reshape(B, L, -1)[valid][None]) > 1e-4
+  y = np.asarray(y)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  assert np.all(y[~valid] == 0.0)
+  routed_to = ref_r[3].sum(-1).reshape(B, L)
+  assert float(stats['dropped_fraction']) == pytest.approx(np.mean(routed_to[valid] == 0))
+  if dispatch != 'dropless':  # not vacuous: padding routed as text takes real tokens' slots
+    y_text = ref_moe(x, weights(layer), group_size=16, capacity=layer.capacity(16, True),
+                     router=router)[0]
+    assert not np.allclose(y_text[valid], y_ref[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dispatch', ['einsum', 'gather'])
+def test_padding_gets_zero_output_expert_parallel(dispatch):
+  """The shard_map path only sees expert buffers, which padding never enters."""
+  layer = make_layer(dispatch=dispatch, group_size=4, seed=4)   # 4 groups, one per device
+  x, valid = pad_row_0(random_x(5), 3)
+  with jax.set_mesh(sharding.make_mesh((2, 4), ('data', 'expert'))), sharding.use_rules(
+      sharding.DEFAULT_RULES, 'shard_map'):
+    assert sharding.manual_expert_axis() == 4
+    y, _ = call(layer, jnp.asarray(x), True, None, jnp.asarray(valid))
+  y_ref = ref_moe(x, weights(layer), group_size=4, capacity=layer.capacity(4, True),
+                  valid_BxL=valid, router='switch')[0]
+  y = np.asarray(y)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  assert np.all(y[~valid] == 0.0)
 
 
 def _check_uniform_load_balance(router, e, seed, alpha=0.25):
@@ -676,7 +791,8 @@ def test_sample_softmax_routing_samples_in_training_only():
 
 
 @pytest.mark.parametrize('exploration,kw', [('sample_softmax', {}),
-                                            ('input_dropout', {'input_dropout': 0.5})])
+                                            ('input_dropout', {'input_dropout': 0.5}),
+                                            ('input_jitter', {'jitter': 0.5})])
 def test_exploration_layer_train_vs_eval(exploration, kw):
   x = jnp.asarray(random_x(12))
   common = dict(num_experts=4, capacity_factor=4.0, seed=3, router_std=0.5)
@@ -686,15 +802,15 @@ def test_exploration_layer_train_vs_eval(exploration, kw):
   np.testing.assert_array_equal(np.asarray(call(explore, x, True, None)[0]), np.asarray(y_eval))
   np.testing.assert_array_equal(np.asarray(call(explore, x, True, ALL_STREAMS())[0]),
                                 np.asarray(y_eval))
-  if exploration == 'input_dropout':
-    # argmax layers ignore router_input_dropout in training (it acts only when exploring).
-    np.testing.assert_array_equal(np.asarray(call(plain, x, False, ALL_STREAMS())[0]),
-                                  np.asarray(y_eval))
+  # argmax layers ignore router_input_dropout and jitter in training: each field acts only
+  # in its own exploration mode.
+  np.testing.assert_array_equal(np.asarray(call(plain, x, False, ALL_STREAMS())[0]),
+                                np.asarray(y_eval))
   y_train = np.asarray(call(explore, x, False, ALL_STREAMS())[0])
   assert not np.array_equal(y_train, np.asarray(y_eval))
   assert not np.array_equal(y_train, np.asarray(call(explore, x, False, ALL_STREAMS(7))[0]))
   # In training the chosen expert moves for some tokens, not just the gate.
-  if exploration == 'input_dropout':
+  if exploration != 'sample_softmax':
     xs = x.reshape(2, 8, D)
     logits_eval, _ = explore.router(xs, deterministic=True, rngs=None)
     logits_train, _ = explore.router(xs, deterministic=False, rngs=ALL_STREAMS())
@@ -738,7 +854,7 @@ def test_missing_stream_raises():
   x = jnp.asarray(random_x(0))
   for kw in ({'exploration': 'sample_softmax'},
              {'exploration': 'input_dropout', 'input_dropout': 0.3},
-             {'jitter': 0.1},
+             {'exploration': 'input_jitter', 'jitter': 0.1},
              {'router': 'topk', 'second_policy': 'random'}):
     layer = make_layer(**kw)
     with pytest.raises(ValueError):
@@ -827,6 +943,7 @@ def test_train_step_with_sample_softmax():
 
 def test_train_step_applies_jitter():
   """jitter=0.01 changes the step's loss compared with jitter=0.0 at the same params."""
-  loss, without = _one_step(_train_config(jitter=0.01), _train_config(jitter=0.0))
+  loss, without = _one_step(_train_config(exploration='input_jitter', jitter=0.01),
+                            _train_config())
   assert loss != without
   assert abs(loss - without) < 0.05 * abs(without)

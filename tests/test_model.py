@@ -29,7 +29,7 @@ def loss_grads(c, batch):
 
 @pytest.mark.parametrize('arch', ['encoder_decoder', 'decoder'])
 def test_forward_backward_reaches_every_parameter(arch):
-  c = tiny_config(arch, every=2, jitter=0.01)
+  c = tiny_config(arch, every=2, exploration='input_jitter', jitter=0.01)
   c.model.num_layers = 4
   c.model.dropout_rate = 0.1
   (loss, metrics), grads = loss_grads(c, random_batch(c))
@@ -71,6 +71,37 @@ def test_decoder_is_causal():
   logits_b, _ = model(changed, deterministic=True)
   np.testing.assert_allclose(logits_a[:, :9], logits_b[:, :9], rtol=1e-5, atol=1e-5)
   assert not np.allclose(logits_a[:, 9:], logits_b[:, 9:])
+
+
+@pytest.mark.parametrize('arch', ['encoder_decoder', 'decoder'])
+def test_padding_contents_change_no_real_token(arch):
+  """Padding (segment id 0) takes no Switch capacity and counts in no aux loss or diagnostic:
+  whatever tokens it holds, the real tokens get the same logits and every Switch layer the same
+  stats. Groups of 64 span rows and capacity is tight (8 slots per expert), so padding routed
+  as text would take slots of the next row's tokens."""
+  c = tiny_config(arch, group_size=64, eval_capacity_factor=1.0)
+  model = LanguageModel(c.model, rngs=nnx.Rngs(0))
+  batch = random_batch(c)
+  rng = np.random.default_rng(1)
+  batch['decoder_segment_ids'] = (batch['decoder_target_tokens'] > 0).astype(np.int32)
+  stacks = [('decoder', 'decoder_input_tokens')]
+  if arch == 'encoder_decoder':
+    batch['encoder_segment_ids'] = (batch['encoder_input_tokens'] > 0).astype(np.int32)
+    stacks.append(('encoder', 'encoder_input_tokens'))
+  other = {k: v.copy() for k, v in batch.items()}
+  for stack, key in stacks:
+    padding = batch[f'{stack}_segment_ids'] == 0
+    assert padding.any()
+    other[key][padding] = rng.integers(3, 359, padding.sum())
+  logits, aux = model(batch, deterministic=True)
+  other_logits, other_aux = model(other, deterministic=True)
+  real = batch['decoder_target_tokens'] > 0
+  np.testing.assert_allclose(other_logits[real], logits[real], rtol=1e-6, atol=1e-6)
+  assert any(float(stats['dropped_fraction']) > 0 for stats in aux.values())
+  for name, stats in aux.items():
+    for key, value in stats.items():
+      np.testing.assert_allclose(other_aux[name][key], value, rtol=1e-6, atol=1e-7,
+                                 err_msg=f'{name} {key}')
 
 
 def reference_bucket(relative_position, bidirectional, num_buckets, max_distance):

@@ -4,7 +4,8 @@ The reference below is written from the Switch Transformer definition as a per-t
 calls no library code: each group of S consecutive tokens (row-major over [B, L]) routes token
 by token, in sequence order, to its argmax expert; a token whose expert already holds
 ``capacity`` tokens of this group is dropped (output 0), otherwise its output is
-p_i(x) * FFN_i(x).
+p_i(x) * FFN_i(x). Padding is skipped: it takes no slot, gets output 0 and is left out of
+every statistic, which are means over the real tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 from flax import nnx
 
 from switchmoe.moe import MoeLayer
+from switchmoe.routing import RoutingOptions
+from tests.helpers import pad_row_0
 
 D, F = 4, 8           # d_model, d_ff
 B, L = 2, 8           # 16 tokens per batch
@@ -41,11 +44,12 @@ def _ffn(x_D, wi_DxF, wo_FxD, wi_gate_DxF, activation):
 
 
 def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activation,
-              alpha=0.0, beta=0.0, router_x_BxLxD=None):
+              alpha=0.0, beta=0.0, gamma=0.0, router_x_BxLxD=None, valid_BxL=None):
   """Float64 Switch layer. ``w``: dict of router [D,E], wi [E,D,F], wo [E,F,D], wi_gate.
 
   ``router_x_BxLxD`` (optional) is the router's input when it differs from the experts' input
-  (router jitter). Returns (y_BxLxD, stats, details).
+  (router jitter). ``valid_BxL`` (optional, bool) is False on padding; a group without real
+  tokens adds no load-balance or importance term. Returns (y_BxLxD, stats, details).
   """
   x = np.asarray(x_BxLxD, np.float64)
   b, l, d = x.shape
@@ -61,18 +65,23 @@ def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activati
   assert n % s == 0
   g = n // s
   capacity = max(min_capacity, math.floor(s * capacity_factor / e))
+  valid = np.ones(n, bool) if valid_BxL is None else np.asarray(valid_BxL).reshape(n)
 
   y = np.zeros_like(xs)
   kept = np.zeros(n, bool)
-  top = np.zeros(n, int)
+  top = -np.ones(n, int)              # -1 on padding
   margin = np.inf                     # smallest top-1 / top-2 logit gap (tie sanity check)
-  lse_sq, top_p = [], []
-  balance = []
+  lse_sq, top_p, entropy = [], [], []
+  balance, importance = [], []
   for gi in range(g):
     count = np.zeros(e, int)
     f_sum, p_sum = np.zeros(e), np.zeros(e)
+    real = 0
     for t in range(s):
       j = gi * s + t
+      if not valid[j]:
+        continue
+      real += 1
       logits = rx[j] @ wr
       m = logits.max()
       p = np.exp(logits - m)
@@ -83,6 +92,7 @@ def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activati
         margin = min(margin, np.sort(logits)[-1] - np.sort(logits)[-2])
       lse_sq.append((m + np.log(np.sum(np.exp(logits - m)))) ** 2)
       top_p.append(p[i])
+      entropy.append(-np.sum(p * np.log(p)))
       f_sum[i] += 1
       p_sum += p
       if count[i] < capacity:
@@ -90,13 +100,19 @@ def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activati
         count[i] += 1
         kept[j] = True
       # else: dropped, y[j] stays 0 (the residual carries the token).
-    balance.append(e * np.sum((f_sum / s) * (p_sum / s)))
+    if real:
+      balance.append(e * np.sum((f_sum / real) * (p_sum / real)))
+      importance.append(np.var(p_sum) / np.mean(p_sum) ** 2)
+  load = np.bincount(top[kept], minlength=e)
   stats = {
       'load_balance': alpha * np.mean(balance),
+      'importance': gamma * np.mean(importance),
       'z_loss': beta * np.mean(lse_sq),
-      'dropped_fraction': 1.0 - kept.mean(),
-      'expert_fraction_E': np.bincount(top, minlength=e) / n,
+      'dropped_fraction': 1.0 - kept[valid].mean(),
+      'expert_fraction_E': np.bincount(top[valid], minlength=e) / valid.sum(),
       'confidence': np.mean(top_p),
+      'entropy': np.mean(entropy),
+      'load_cv': np.std(load) / np.mean(load),
   }
   details = dict(capacity=capacity, kept=kept.reshape(b, l), top=top.reshape(b, l),
                  margin=margin, groups=g, group_size=s)
@@ -108,20 +124,22 @@ def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activati
 
 
 def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacity_factor=None,
-               min_capacity=1, alpha=0.0, beta=0.0, jitter=0.0, activation='relu', seed=0,
-               router_std=1.0, num_shared_experts=0, expert_bias=False):
+               min_capacity=1, alpha=0.0, beta=0.0, gamma=0.0, jitter=0.0, activation='relu',
+               seed=0, router_std=1.0, num_shared_experts=0, expert_bias=False):
   """A float32 MoeLayer with NumPy-drawn weights (built abstractly: no init compilation).
 
   Router kernel ~ N(0, router_std^2); expert and shared-expert matrices ~ N(0, 1 / fan_in);
-  the expert bias, if any, zeros.
+  the expert bias, if any, zeros. ``jitter`` > 0 comes with exploration='input_jitter', the
+  one mode that reads it.
   """
   eval_cf = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
   layer = nnx.eval_shape(lambda: MoeLayer(
       D, F, num_experts=num_experts, group_size=group_size, capacity_factor=capacity_factor,
       eval_capacity_factor=eval_cf, min_capacity=min_capacity, load_balance_loss=alpha,
-      router_z_loss=beta, jitter=jitter, activation=activation, init_scale=1.0,
+      router_z_loss=beta, importance_loss=gamma, jitter=jitter, activation=activation, init_scale=1.0,
       expert_dropout=0.0, dtype=jnp.float32, num_shared_experts=num_shared_experts,
-      expert_bias=expert_bias, rngs=nnx.Rngs(0)))
+      expert_bias=expert_bias, rngs=nnx.Rngs(0),
+      options=RoutingOptions(exploration='input_jitter' if jitter else 'argmax')))
   rs = np.random.RandomState(seed)
   for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
     std = router_std if path[0] == 'router' else 1.0 / math.sqrt(var.shape[-2])
@@ -132,8 +150,8 @@ def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacit
 
 
 @nnx.jit(static_argnames='deterministic')
-def call(layer, x, deterministic=True, rngs=None):
-  return layer(x, deterministic=deterministic, rngs=rngs)
+def call(layer, x, deterministic=True, rngs=None, valid=None):
+  return layer(x, deterministic=deterministic, rngs=rngs, valid_BxL=valid)
 
 
 def weights(layer):
@@ -556,3 +574,56 @@ def test_zero_expert_bias_changes_nothing():
   np.testing.assert_allclose(np.sum(np.asarray(s1['selected_fraction_E'])), 1.0, rtol=1e-6)
   assert float(s1['expert_bias_max']) == 0.0
   assert 'selected_fraction_E' not in s0 and 'expert_bias_max' not in s0
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Padding.
+
+
+@pytest.mark.parametrize('group_size,pad_from,takes_slots', [
+    (16, 3, True), (8, 0, False), (4, 2, False)],
+    ids=['one-group-over-both-rows', 'a-group-of-padding', 'four-groups'])
+def test_padding_takes_no_capacity_and_counts_in_no_statistic(group_size, pad_from,
+                                                              takes_slots):
+  """Real tokens route, and every aux loss and diagnostic is computed, as in the float64
+  reference that skips padding; padding gets y = 0."""
+  alpha, beta, gamma = 0.01, 0.001, 0.1
+  layer = make_layer(group_size=group_size, capacity_factor=1.0, alpha=alpha, beta=beta,
+                     gamma=gamma, seed=17)
+  x, valid = pad_row_0(random_x(18), pad_from)
+  y, stats = call(layer, jnp.asarray(x), True, None, jnp.asarray(valid))
+  ref = lambda valid_BxL: reference(x, weights(layer), group_size=group_size,
+                                    capacity_factor=1.0, min_capacity=1, activation='relu',
+                                    alpha=alpha, beta=beta, gamma=gamma, valid_BxL=valid_BxL)
+  y_ref, stats_ref, info = ref(valid)
+  assert info['margin'] > 1e-3
+  np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(y)[~valid] == 0.0)
+  assert_stats_close(stats, stats_ref)
+  # Not vacuous: padding routed as text would fill slots of row 1's tokens in their group, or
+  # (in its own groups, or after the real tokens) count in the load-balance loss.
+  _, stats_text, info_text = ref(None)
+  if takes_slots:
+    assert np.any(info['kept'][valid] & ~info_text['kept'][valid])
+  else:
+    assert abs(stats_text['load_balance'] - stats_ref['load_balance']) > 1e-6
+  # Whatever the padding holds, the real tokens' outputs and every stat stay the same.
+  other = np.where(valid[..., None], x, random_x(19)).astype(np.float32)
+  y_other, stats_other = call(layer, jnp.asarray(other), True, None, jnp.asarray(valid))
+  np.testing.assert_array_equal(np.asarray(y_other), np.asarray(y))
+  for k in stats:
+    np.testing.assert_array_equal(np.asarray(stats_other[k]), np.asarray(stats[k]), k)
+
+
+def test_padding_gets_no_shared_output_and_no_share_of_selections():
+  """Shared experts give padding nothing either, and the balancing bias's selections count
+  real tokens only (a zero bias selects the top-1 expert: selected = expert_fraction)."""
+  layer = make_layer(group_size=16, num_shared_experts=1, expert_bias=True, seed=20)
+  x, valid = pad_row_0(random_x(21), 3)
+  y, stats = call(layer, jnp.asarray(x), True, None, jnp.asarray(valid))
+  y = np.asarray(y)
+  assert np.all(y[~valid] == 0.0) and np.all(np.any(y[valid] != 0.0, axis=-1))
+  _, stats_ref, _ = reference(x, weights(layer), group_size=16, capacity_factor=1.0,
+                              min_capacity=1, activation='relu', valid_BxL=valid)
+  np.testing.assert_allclose(np.asarray(stats['selected_fraction_E']),
+                             stats_ref['expert_fraction_E'], rtol=1e-6)

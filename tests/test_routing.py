@@ -163,6 +163,30 @@ def test_router_z_loss_hand_computed():
                                           (math.log(2.0) + 10) ** 2) / 2, rel=1e-6)
 
 
+def test_aux_losses_average_over_real_tokens_only():
+  # E=2, S=4, G=2; valid tokens: 0 and 1 of group 0. Padding is confident for expert 0, and
+  # group 1 is all padding.
+  # Load balance: picks 0 1 -> f = [0.5, 0.5]; P = ([0.9, 0.1] + [0.3, 0.7]) / 2 = [0.6, 0.4];
+  #   2 * (0.3 + 0.2) = 1.0, and group 1 adds no term. (With padding: 1.295 for group 0.)
+  # Importance: mass [1.2, 0.8], mean 1, variance 0.04 -> 0.04.
+  # z-loss: logsumexp of the real tokens log 4 and log 2.
+  pad = [0.99, 0.01]
+  probs = jnp.array([[[0.9, 0.1], [0.3, 0.7], pad, pad], [pad, pad, pad, pad]], jnp.float32)
+  valid = jnp.array([[True, True, False, False], [False] * 4])
+  index = jnp.argmax(probs, -1)
+  assert float(routing.load_balance_loss(probs, index, valid)) == pytest.approx(1.0, rel=1e-6)
+  assert float(routing.importance_loss(probs, valid)) == pytest.approx(0.04, rel=1e-5)
+  logits = jnp.array([[[0.0, math.log(3.0)], [0.0, 0.0], [9.0, 0.0], [9.0, 0.0]],
+                      [[9.0, 0.0]] * 4], jnp.float32)
+  expected = (math.log(4.0) ** 2 + math.log(2.0) ** 2) / 2
+  assert float(routing.router_z_loss(logits, valid)) == pytest.approx(expected, rel=1e-6)
+  # No gradient reaches padding's probabilities or logits.
+  grad_p = jax.grad(routing.load_balance_loss)(probs, index, valid)
+  grad_z = jax.grad(routing.router_z_loss)(logits, valid)
+  assert np.all(np.asarray(grad_p)[~np.asarray(valid)] == 0)
+  assert np.all(np.asarray(grad_z)[~np.asarray(valid)] == 0)
+
+
 # --------------------------------------------------------------------------------------------
 # switch_top1 and Router
 

@@ -79,7 +79,8 @@ def _loss_and_grads(c, devices, batch):
 
 def layout_config(num_experts=8):
   # 16-token groups: 8 decoder groups, enough to split over an 8-way expert axis.
-  c = tiny_config(jitter=0.01, num_experts=num_experts, group_size=16, capacity_factor=1.0)
+  c = tiny_config(exploration='input_jitter', jitter=0.01, num_experts=num_experts,
+                  group_size=16, capacity_factor=1.0)
   c.model.dropout_rate, c.model.num_layers = 0.1, 1
   return c
 

@@ -2,8 +2,8 @@
 
 The reference records every encoder Switch layer's input x_BxLxD as the model runs, then
 routes in NumPy float64 from the definition: logits = x @ router kernel, expert = argmax, and
-in each group of S consecutive tokens (row-major over [B, L], padding rows included) a token
-is dropped when its expert already holds ``capacity`` earlier tokens of the group.
+in each group of S consecutive tokens (row-major over [B, L]) a token is dropped when its
+expert already holds ``capacity`` earlier real tokens of the group; padding takes no slot.
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ def record_switch_inputs(monkeypatch) -> dict[int, list[np.ndarray]]:
   return seen
 
 
-def route_by_hand(x_BxLxD, kernel_DxE, group_size, capacity):
-  """(expert_BxL, kept_BxL): argmax routing, first come first served in sequence order."""
+def route_by_hand(x_BxLxD, kernel_DxE, group_size, capacity, valid_BxL):
+  """(expert_BxL, kept_BxL): argmax routing of the real tokens (``valid_BxL``), first come
+  first served in sequence order."""
   b, l, d = x_BxLxD.shape
   expert_N = np.argmax(x_BxLxD.reshape(-1, d) @ kernel_DxE, axis=-1)
   kept_N = np.zeros(b * l, bool)
   for start in range(0, b * l, group_size):
     used = {}
-    for n in range(start, start + group_size):
+    for n in np.flatnonzero(valid_BxL.reshape(-1)[start:start + group_size]) + start:
       used[expert_N[n]] = used.get(expert_N[n], 0) + 1
       kept_N[n] = used[expert_N[n]] <= capacity
   return expert_N.reshape(b, l), kept_N.reshape(b, l)
@@ -87,12 +88,15 @@ def test_route_texts_matches_routing_by_hand(export, monkeypatch):
   assert len(routed[0].tokens_L) == length and routed[0].tokens_L[-1] == 1  # cut, then EOS
   np.testing.assert_array_equal(routed[1].tokens_L, [ch + 3 for ch in b'def f(a, b):'] + [1])
   for batch in range(2):
+    valid_BxL = np.zeros((b, length), bool)  # empty rows fill the last batch
+    for row, r in enumerate(routed[batch * b:(batch + 1) * b]):
+      valid_BxL[row, :len(r.tokens_L)] = True
     for layer, name in enumerate(names):
       x_BxLxD = seen[layer][batch]
       assert x_BxLxD.shape == (b, length, c.model.d_model)
       kernel = np.asarray(params['encoder']['layers'][layer]['ffn']['router']['kernel'],
                           np.float64)
-      expert_BxL, kept_BxL = route_by_hand(x_BxLxD, kernel, GROUP_SIZE, capacity)
+      expert_BxL, kept_BxL = route_by_hand(x_BxLxD, kernel, GROUP_SIZE, capacity, valid_BxL)
       for row, r in enumerate(routed[batch * b:(batch + 1) * b]):
         n = len(r.tokens_L)
         assert r.expert_index_LxK[name].shape == r.kept_LxK[name].shape == (n, 1)
