@@ -43,6 +43,8 @@ from absl import logging
 from switchmoe import config as config_lib
 from switchmoe import train
 from switchmoe.main import apply_overrides, load_config
+from switchmoe.metrics import read_metrics
+from switchmoe.workdir import LockHeld
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUALITY = 'eval/neg_log_perplexity'
@@ -307,10 +309,7 @@ def check_scale(scale: str) -> Scale:
 
 def read_records(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_metrics(path) if os.path.exists(path) else []
 
 
 def _duration(seconds: float) -> str:
@@ -582,6 +581,12 @@ def run_study(table: str, *, scale: str = 'cpu', steps: int | None = None,
       except train.NonFiniteError as e:  # a diverged row is a result (SW Table 2), not a crash
         error = str(e)
         print(f'{label}: failed: {error}', flush=True)
+      except LockHeld as e:  # another sweep process trains it: leave it to that one
+        print(f'{label}: skip, {e}', flush=True)
+        continue
+      except train.StoppedDuringStartup:
+        print(f'{label}: stopped; run the same command to resume the sweep', flush=True)
+        return None
       trained.append(time.time() - began)
       info = {'seconds': info['seconds'] + trained[-1], 'error': error}
       with open(info_path, 'w') as f:

@@ -61,6 +61,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--split', choices=('validation', 'train'), default='validation')
   parser.add_argument('--batches', type=int, default=4)
   args, overrides = parser.parse_known_args(argv)
+  if args.batches < 1:
+    print(f'error: --batches={args.batches}: must be >= 1', file=sys.stderr)
+    return 2
   try:
     result = evaluate_checkpoint(args.path, args.split, args.batches, overrides)
   except ValueError as e:

@@ -12,7 +12,6 @@ dropped for capacity dashed. Needs matplotlib (``pip install -e '.[plot]'``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -22,6 +21,8 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from switchmoe.metrics import read_metrics  # noqa: E402
+
 EXPERT_FRACTION = re.compile(r'moe/(.+)/expert_fraction_E$')
 
 
@@ -29,8 +30,7 @@ def read_run(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise ValueError(f'{workdir}: no metrics.jsonl')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_metrics(path)
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

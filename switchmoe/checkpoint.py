@@ -1,12 +1,13 @@
 """Orbax checkpoints: a run's ``workdir/checkpoints/<step>/`` and params-only exports.
 
-Each step folder holds three items: ``state`` (params, optimizer state, step and non-finite
+Each step folder holds four items: ``state`` (params, optimizer state, step and non-finite
 counters, restored directly into the run's shardings), ``data`` (the grain iterator state,
-JSON) and ``config`` (JSON). Saves are asynchronous: the arrays are copied off the devices,
+JSON), ``config`` (JSON) and ``run`` (JSON: what else identifies the run, e.g. the dataset). Saves are asynchronous: the arrays are copied off the devices,
 then written by a background thread into ``<step>.orbax-checkpoint-tmp-*`` which is renamed
 to ``<step>`` only once complete. A process killed mid-save leaves that temporary folder
 behind, never a half-written ``<step>``; the next run deletes it and resumes from the
-previous step.
+previous step. A step that does not restore (a truncated or deleted file) is moved aside to
+``<step>.corrupt`` once an older step has restored, so one bad save never blocks a run.
 
 An export (`save_params`) is ``params/`` (an orbax PyTree) plus ``config.json``, for
 inference and fine-tuning; `load_params` reads params from either kind of folder.
@@ -18,6 +19,9 @@ import contextlib
 import json
 import logging
 import os
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +33,56 @@ import orbax.checkpoint as ocp
 from switchmoe.config import default_config, unknown_field_message
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written, or none of a workdir's checkpoints restores."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+  """``Type: first line of the message`` (at most ``limit`` characters of it: tensorstore
+  appends its whole spec), for errors reported in one line."""
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  if len(text) > limit:
+    text = text[:limit].rstrip() + ' ...'
+  return f'{type(error).__name__}: {text}'.rstrip(': ')
+
+
+def _free_name(path: str) -> str:
+  candidate, n = path, 1
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f'{path}.{n}'
+  return candidate
+
+
+# Pieces of those tracebacks; several threads print at once, so lines arrive cut and mixed.
+_CLOSED_LOOP_NOISE = ('Traceback (most recent call last)', 'base_events.py', '_check_closed',
+                      'Event loop is closed')
+
+
+@contextlib.contextmanager
+def _without_closed_loop_noise():
+  """When a restore fails, tensorstore finishes the reads still in flight and calls back into
+  the asyncio loop orbax has already closed; each callback prints a 'RuntimeError: Event loop
+  is closed' traceback straight to file descriptor 2, hundreds per damaged checkpoint. This
+  captures descriptor 2 meanwhile and passes on every other line."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      lines = capture.read().decode('utf-8', 'replace').splitlines(keepends=True)
+      sys.stderr.write(''.join(line for line in lines if line.strip() and
+                               not any(noise in line for noise in _CLOSED_LOOP_NOISE)))
+      sys.stderr.flush()
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, keep_period: int = 0):
@@ -38,28 +92,83 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_period or None, create=True,
             cleanup_tmp_directories=True),
-        item_names=('state', 'data', 'config'))
+        item_names=('state', 'data', 'config', 'run'))
+    self._pending = False  # a save was started and not yet joined
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
+  def save(self, step: int, state: Any, data_state: dict, config: dict,
+           run: dict | None = None) -> None:
     """Starts an asynchronous save; `wait` or the next save joins it."""
+    self._pending = True
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)))
+        config=ocp.args.JsonSave(config), run=ocp.args.JsonSave(run or {})))
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Returns (state placed like ``abstract_state``'s shardings, data iterator state)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    if not isinstance(restored.data, dict):
+      raise ValueError(f'{self.directory}/{step}/data holds no iterator state')
     return restored.state, restored.data
 
+  def restore_newest(self, abstract_state: Any, *, lead: bool = True
+                     ) -> tuple[int, Any, dict] | None:
+    """(step, state, data state) of the newest step that restores, or None if there are no
+    checkpoints. Newer steps that fail are moved aside to ``<step>.corrupt`` (never deleted),
+    each announced in one line; if none restores, `CheckpointError` and nothing is moved.
+    Only the ``lead`` process moves and announces.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      with _without_closed_loop_noise():
+        try:
+          state, data_state = self.restore(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged step
+          failed.append((step, e))
+          time.sleep(2)  # the reads still in flight end (and print) while captured
+      if failed and failed[-1][0] == step:
+        continue
+      for bad, error in failed if lead else ():
+        aside = _free_name(os.path.join(self.directory, f'{bad}.corrupt'))
+        os.rename(os.path.join(self.directory, str(bad)), aside)
+        print(f'Checkpoint {self.directory}/{bad} does not restore ({one_line(error)}); '
+              f'moved it to {aside} and resumed from step {step}', flush=True)
+      if failed:
+        self._manager.reload()
+      return step, state, data_state
+    if failed:
+      step, error = failed[0]
+      raise CheckpointError(
+          f'{self.directory}: none of its {len(steps)} checkpoint(s) restores (step {step}: '
+          f'{one_line(error)}); nothing was moved or deleted: move the damaged steps away '
+          'to start over, or use another --workdir')
+    return None
+
+  def check_for_errors(self) -> None:
+    """Raises `CheckpointError` if the last asynchronous save has finished and failed (e.g.
+    disk full); cheap, and never waits for a save still running."""
+    if self._pending and not self._manager.is_saving_in_progress():
+      self.wait()
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Joins the running save; raises `CheckpointError` if it failed."""
+    self._pending = False
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 -- orbax re-raises whatever the writer raised
+      raise CheckpointError(f'saving a checkpoint in {self.directory} failed: '
+                            f'{one_line(e)}') from e
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      with _without_closed_loop_noise():  # a failed restore's reads may end only now
+        self._manager.close()
+    except Exception:  # noqa: BLE001 -- a failed save is reported by `wait`, not here
+      pass
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -115,8 +224,11 @@ def find_config(path: str) -> ml_collections.ConfigDict:
     source = os.path.join(os.path.dirname(folder), 'config', 'metadata')
   else:
     source = os.path.join(os.path.dirname(folder), 'config.json')
-  with open(source) as f:
-    stored = json.load(f)
+  try:
+    with open(source) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{source}: cannot read the stored config ({one_line(e)})') from None
   config = default_config()
   _update(config, stored, '')
   return config
@@ -154,10 +266,13 @@ def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda n
   export) are cast to the target's.
   """
   folder, prefix = find_params(path)
-  with ocp.PyTreeCheckpointer() as checkpointer, _quiet_absl():
-    stored = checkpointer.metadata(folder).item_metadata.tree
-  for key in prefix:
-    stored = stored[key]
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer, _quiet_absl():
+      stored = checkpointer.metadata(folder).item_metadata.tree
+    for key in prefix:
+      stored = stored[key]
+  except Exception as e:  # noqa: BLE001 -- a damaged or foreign folder, in whatever way
+    raise ValueError(f'{folder}: cannot read the checkpoint ({one_line(e)})') from None
   stored = {path_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
   wanted = {path_name(p): x for p, x in leaves if select(path_name(p))
@@ -173,9 +288,12 @@ def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda n
     subset = {key: subset}
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), subset)
-  with ocp.PyTreeCheckpointer() as checkpointer, _quiet_absl():
-    restored = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(
-        item=subset, restore_args=restore_args, partial_restore=True))
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer, _quiet_absl():
+      restored = checkpointer.restore(folder, args=ocp.args.PyTreeRestore(
+          item=subset, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f'{folder}: cannot read the checkpoint ({one_line(e)})') from None
   for key in prefix:
     restored = restored[key]
   loaded = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}

@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3       # newest checkpoints kept ...
   t.keep_period = 0            # ... plus every step divisible by this (0 = none)
   t.nonfinite = 'skip'         # non-finite loss or gradients: 'skip' the update, or 'stop'
+  t.max_skipped_steps = 20     # 'skip': stop the run (exit 1) after this many in a row
   t.init_from = ''             # fine-tune: a run folder, checkpoint step or export to load
   t.init_from_params = 'all'   # which of its params: 'all', 'non_expert', or a path regex
   t.profile_steps = 0          # trace this many steps after the first into workdir/profile
@@ -272,6 +273,7 @@ def _validate_training(c: ml_collections.ConfigDict) -> None:
   _at_least('seed', c.seed, 0)
   _choice('train.nonfinite', t.nonfinite, NONFINITE)
   for name, value, low in (('train.eval_batches', t.eval_batches, 1),
+                           ('train.max_skipped_steps', t.max_skipped_steps, 1),
                            ('train.keep_checkpoints', t.keep_checkpoints, 1),
                            ('train.keep_period', t.keep_period, 0),
                            ('train.profile_steps', t.profile_steps, 0),
@@ -296,9 +298,20 @@ def _validate_training(c: ml_collections.ConfigDict) -> None:
     _check_groups(c)
 
 
+def _leaves(c: ml_collections.ConfigDict, prefix: str = ''):
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field; cheap, runs before any compilation."""
   check_fields(c)
+  for name, value in _leaves(c):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{name}={value!r}: must be finite')
   m, e, d, o = c.model, c.model.moe, c.data, c.optim
   _choice('model.arch', m.arch, ARCHS)
   if d.objective not in OBJECTIVES[m.arch]:
@@ -319,8 +332,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for key in rest:
       value = value[key]
     _positive(name, value)
-  if not (math.isfinite(o.learning_rate) and o.learning_rate > 0):
-    raise ValueError(f'optim.learning_rate={o.learning_rate!r}: must be finite and > 0')
+  _positive('optim.learning_rate', o.learning_rate)
   if e.every < 0:
     raise ValueError(f'model.moe.every={e.every}: must be >= 0 (0 = dense)')
   if e.every > 0:

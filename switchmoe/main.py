@@ -1,20 +1,30 @@
 """Command line: ``switchmoe-train --config=configs/switch_tiny.py --workdir=DIR
 [--config.a.b=value ...]`` (also ``python scripts/train.py ...``).
 
-Exit codes: 0 when done or stopped by SIGTERM / SIGINT after saving (run the same command to
-resume); 1 on a non-finite loss with ``train.nonfinite=stop``; 2 on a bad config, flag or
-workdir, reported in one line ``error: <field>=<value>: <why>; allowed: ...`` before anything
-is compiled or written.
+Exit codes, a contract for schedulers and scripts:
+
+- 0: done, or stopped by SIGTERM / SIGINT after saving (run the same command to resume);
+- 1: a runtime failure: I/O (disk full, a failed checkpoint save), out of memory, a
+  non-finite stop, no checkpoint that restores; the traceback goes to ``WORKDIR/logs/``;
+- 2: bad input: config file, field or flag, workdir path, data, a checkpoint named by the
+  user; reported before anything is compiled or written;
+- 3: the workdir is locked by another live run.
+
+Every error is one line on stderr, ``error: <file or field>: <why>``; ``--verbose`` also
+prints the traceback.
 """
 
 from __future__ import annotations
 
 import ast
+import datetime
 import functools
 import importlib.util
+import logging as std_logging
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,6 +32,10 @@ from ml_collections import config_flags
 from switchmoe import config as config_lib
 from switchmoe import distributed
 from switchmoe import train
+from switchmoe.checkpoint import one_line
+from switchmoe.workdir import LockHeld
+
+EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_LOCKED = 1, 2, 3
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: metrics, TensorBoard events and '
@@ -31,10 +45,11 @@ _COORDINATOR = flags.DEFINE_string(
     'SLURM, Open MPI or a Cloud TPU pod, where JAX reads the cluster environment itself.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-process runs: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-process runs: this process.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Print the traceback of an error too.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = EXIT_BAD_INPUT):
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
 
@@ -102,8 +117,65 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e).replace('flag --config.', 'config.'))
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
-    fail(unknown_override(argv) or str(e))
+  except Exception as e:  # noqa: BLE001 -- the config file itself raised while loading
+    # ml_collections raises AttributeError / KeyError for an override of a missing field.
+    message = unknown_override(argv) if isinstance(e, (AttributeError, KeyError)) else None
+    if '--verbose' in argv:
+      traceback.print_exception(e)
+    fail(message or config_error(config_argument(argv), e))
+
+
+def config_argument(argv: list[str]) -> str:
+  """The path given as ``--config=PATH`` or ``--config PATH``."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+
+def config_error(path: str, error: BaseException) -> str:
+  """One line for a config file that does not load: missing, a syntax error, or raising."""
+  while error.__cause__ is not None:  # ml_collections wraps the file's own error
+    error = error.__cause__
+  if isinstance(error, FileNotFoundError) or not os.path.isfile(path):
+    return f'--config={path}: no such config file'
+  if isinstance(error, SyntaxError):
+    return f'--config={path}: line {error.lineno}: SyntaxError: {error.msg}'
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  where = f'line {lines[-1]}: ' if lines else ''
+  return f'--config={path}: {where}{one_line(error)}'
+
+
+def describe(error: BaseException) -> str:
+  """The one line for a runtime failure."""
+  if type(error).__module__.startswith('switchmoe.'):  # ours already read as one line
+    return str(error)
+  if isinstance(error, OSError) and error.strerror:
+    return f'{error.filename or "I/O"}: {error.strerror}'
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text:
+    first = next((line for line in text.splitlines() if 'memory' in line.lower()), text)
+    return f'out of memory: {first.strip()[:300]}'
+  return one_line(error)
+
+
+def save_traceback(workdir: str, error: BaseException) -> str | None:
+  """Writes the traceback to ``WORKDIR/logs/`` and returns the file, or None if it cannot."""
+  try:
+    folder = os.path.join(os.path.abspath(workdir), 'logs')
+    os.makedirs(folder, exist_ok=True)
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    import jax
+    path = os.path.join(folder, f'error-{stamp}-process{jax.process_index()}.txt')
+    with open(path, 'w') as f:
+      f.write(''.join(traceback.format_exception(error)))
+    return path
+  except OSError:
+    return None
 
 
 def main(argv: list[str]) -> None:
@@ -111,13 +183,40 @@ def main(argv: list[str]) -> None:
     fail(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  if not _VERBOSE.value:
+    # A failed background save is logged by orbax as pages of tracebacks; the run reports it
+    # in one line itself (and writes the traceback to WORKDIR/logs/).
+    logging.get_absl_logger().addFilter(
+        lambda record: not (record.levelno >= std_logging.ERROR and 'orbax' in record.pathname))
+  try:
+    config = _CONFIG.value
+    config.keys()  # a file that failed to load gives a placeholder that raises on use
+  except Exception as e:  # noqa: BLE001 -- whatever the config file raised
+    if _VERBOSE.value:
+      traceback.print_exception(e)
+    fail(config_error(config_flags.get_config_filename(flags.FLAGS['config']), e))
+  workdir = _WORKDIR.value
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train.train(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # config, workdir and data errors: one line, no traceback
-    fail(str(e))
-  except train.NonFiniteError as e:
-    fail(str(e), code=1)
+    train.train(config, workdir)
+  except train.StoppedDuringStartup as e:
+    print(f'Stopped by {e} during start-up, before the first step; nothing to save. Run the '
+          'same command to start.', flush=True)
+  except Exception as e:  # noqa: BLE001 -- every error ends as one line and an exit code
+    if _VERBOSE.value:
+      traceback.print_exception(e)
+    if isinstance(e, LockHeld):
+      fail(str(e), EXIT_LOCKED)
+    if isinstance(e, ValueError):  # config, workdir and data errors
+      fail(str(e))
+    where = save_traceback(workdir, e)
+    print(f'error: {describe(e)}' + (f' (traceback: {where})' if where else ''),
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Everything the run opened is closed by now. Skipping the interpreter's teardown keeps
+    # tensorstore reads that a failed restore left in flight from printing pages of "Event
+    # loop is closed" into the one-line error.
+    os._exit(EXIT_RUNTIME)
 
 
 def run() -> None:

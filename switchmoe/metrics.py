@@ -34,12 +34,41 @@ def to_python(value):
   return value.tolist()
 
 
+def read_metrics(path: str, *, warn=None) -> list[dict]:
+  """The records of a ``metrics.jsonl`` file (or of the one in a run folder), in order.
+
+  A torn last line (a process killed mid-write) is dropped, with a line to ``warn`` if given;
+  any other line that is not a JSON object raises a ValueError naming the file and line.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, 'metrics.jsonl')
+  with open(path) as f:
+    lines = f.read().split('\n')
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+        raise ValueError('not a record with an integer "step"')
+    except ValueError as e:
+      if number == len(lines):  # no newline after it: the write never finished
+        if warn:
+          warn(f'{path} line {number}: dropped a torn last line ({line[:40]!r})')
+        break
+      raise ValueError(f'{path} line {number}: {e}') from None
+    records.append(record)
+  return records
+
+
 class MetricWriter:
   """Appends to ``workdir/metrics.jsonl`` and writes TensorBoard scalars under ``workdir``.
 
-  A run resumed at step ``start`` first drops what an interrupted run logged after its last
-  checkpoint (``metrics.jsonl`` lines and TensorBoard events past ``start``): the resumed run
-  logs those steps again, and each file then holds one curve.
+  A run starting at step ``start`` (0 for a fresh start) first drops what an earlier attempt
+  logged after that step (``metrics.jsonl`` lines and TensorBoard events): this run logs those
+  steps again, and each file then holds one curve. The file is rewritten into a temporary
+  file that then replaces it, so a kill at any moment leaves the old or the new history.
   """
 
   def __init__(self, workdir: str, *, start: int = 0, enabled: bool = True):
@@ -48,15 +77,18 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'metrics.jsonl')
-    if start and os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start]
-      with open(path, 'w') as f:
-        f.writelines(kept)
+    if os.path.exists(path):
+      warn = lambda message: print(f'warning: {message}', file=sys.stderr, flush=True)
+      kept = [r for r in read_metrics(path, warn=warn) if r['step'] <= start]
+      temporary = f'{path}.tmp'
+      with open(temporary, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(temporary, path)
     self._jsonl = open(path, 'a', buffering=1)
     from tensorboardX import SummaryWriter  # import here: only the writing process needs it
-    self._tb = SummaryWriter(logdir=workdir, flush_secs=10,
-                             purge_step=start + 1 if start else None)
+    self._tb = SummaryWriter(logdir=workdir, flush_secs=10, purge_step=start + 1)
 
   def write(self, step: int, metrics: Mapping) -> dict:
     record = {'step': int(step), **{k: to_python(v) for k, v in flatten(metrics).items()}}
@@ -109,7 +141,8 @@ class Progress:
         parts.append(f'{label} {record[key]:{fmt}}')
     if record.get('train/skipped_steps'):
       parts.append(f'skipped {record["train/skipped_steps"]}')
-    parts += [f'{record.get("perf/tokens_per_sec", 0):,.0f} tok/s', f'{step_time:.3f} s/step']
+    if 'perf/tokens_per_sec' in record:
+      parts += [f'{record["perf/tokens_per_sec"]:,.0f} tok/s', f'{step_time:.3f} s/step']
     if 'perf/mfu' in record:
       parts.append(f'MFU {100 * record["perf/mfu"]:.1f}%')
     parts.append(f'ETA {eta}')

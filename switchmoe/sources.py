@@ -392,6 +392,16 @@ def builder_for(config) -> tfds.core.DatasetBuilder:
   return _registered_builder(d.source, data_dir)
 
 
+def dataset_identity(config) -> str:
+  """What the run trains on, stored with its checkpoints: a resume on other data is refused.
+  For ``'files'`` the files' fingerprint (names, sizes, mtimes), even under a fixed
+  ``data.dataset_name``; otherwise the prepared dataset's ``name/config/version``."""
+  d = config.data
+  if d.source == 'files':
+    return f'files:{_fingerprint(match_files(d.files), d.text_field)}'
+  return builder_for(config).info.full_name
+
+
 def open_split(config, split: str):
   """Random-access source of ``split``: len() and [i] -> the example's features (text as bytes).
 

@@ -41,6 +41,7 @@ from switchmoe import data as data_lib
 from switchmoe import sources
 from switchmoe import flops as flops_lib
 from switchmoe import routing, sharding
+from switchmoe import workdir as workdir_lib
 from switchmoe.checkpoint import Checkpointer, abstract_like
 from switchmoe.metrics import MetricWriter, Progress
 from switchmoe.model import LanguageModel, loss_and_metrics
@@ -90,6 +91,7 @@ def make_setup(config: ml_collections.ConfigDict,
   graphdef, abstract_params = nnx.split(
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
+  check_fits(config, abstract_params, param_shardings)
 
   def split_trainable(variables: dict) -> tuple[dict, dict]:
     """(the nnx.Params, every other variable: the expert biases) of a params dict."""
@@ -103,7 +105,8 @@ def make_setup(config: ml_collections.ConfigDict,
                                                  param_shardings)
     zero = jnp.zeros((), jnp.int32)
     return {'params': variables, 'opt_state': tx.init(split_trainable(variables)[0]),
-            'step': zero, 'skipped_steps': zero, 'last_skipped_step': zero}
+            'step': zero, 'skipped_steps': zero, 'last_skipped_step': zero,
+            'skipped_in_a_row': zero}
 
   with jax.set_mesh(mesh), sharding.use_rules(rules, config.mesh.expert_parallel):
     # Compiled once: the optimizer state's shardings are whatever GSPMD chose for it.
@@ -128,7 +131,11 @@ def make_setup(config: ml_collections.ConfigDict,
     grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip)
     updates, opt_state = tx.update(grads, state['opt_state'], trainable)
     params = optax.apply_updates(trainable, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update_norm = optax.tree.norm(updates)
+    # A finite gradient can still overflow into the update or the new weights (a huge
+    # learning rate); such a step is skipped like one with a non-finite loss.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+              & jnp.isfinite(optax.tree.norm(params)))
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                      (params, opt_state), (trainable, state['opt_state']))
     model = nnx.merge(graphdef, params, fixed)
@@ -137,12 +144,14 @@ def make_setup(config: ml_collections.ConfigDict,
       model.balance_experts(metrics['moe'], jnp.where(finite, rate, 0.0))
     step = state['step'] + 1
     skipped = state['skipped_steps'] + (~finite).astype(jnp.int32)
+    in_a_row = jnp.where(finite, 0, state['skipped_in_a_row'] + 1)
     metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
-                   update_norm=optax.tree.norm(updates), skipped_steps=skipped,
+                   update_norm=update_norm, skipped_steps=skipped,
                    learning_rate=lr_schedule(state['step']))
     return {'params': nnx.to_pure_dict(nnx.state(model)), 'opt_state': opt_state, 'step': step,
             'skipped_steps': skipped,
-            'last_skipped_step': jnp.where(finite, state['last_skipped_step'], step)}, metrics
+            'last_skipped_step': jnp.where(finite, state['last_skipped_step'], step),
+            'skipped_in_a_row': in_a_row}, metrics
 
   def eval_step(params, batch) -> dict:
     """Sums over tokens, so that averages over several batches are exact."""
@@ -161,6 +170,43 @@ def make_setup(config: ml_collections.ConfigDict,
       train_step=jax.jit(train_step, out_shardings=(state_shardings, None),
                          donate_argnums=0),
       eval_step=jax.jit(eval_step))
+
+
+def device_memory(device: jax.Device) -> int | None:
+  """Bytes one device can hold: its allocator's limit, or on CPU its share of host RAM."""
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  try:
+    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None
+  return ram // max(jax.local_device_count(), 1)
+
+
+def check_fits(config: ml_collections.ConfigDict, abstract_params, shardings) -> None:
+  """Raises ValueError before compiling if one device cannot even hold its shard of the
+  parameters, their gradients and the optimizer state (activations come on top)."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_shardings = jax.tree.leaves(shardings)
+  sizes = [(np.prod(sh.shard_shape(x.value.shape if hasattr(x, 'value') else x.shape),
+                    dtype=np.float64) * np.dtype(x.dtype).itemsize, path, x)
+           for (path, x), sh in zip(leaves, flat_shardings)]
+  # Gradients as large as the parameters; AdamW keeps two moments, Adafactor's factored
+  # moments are small next to the weights.
+  copies = 2 + (2 if config.optim.name == 'adamw' else 0)
+  need = copies * sum(size for size, _, _ in sizes)
+  device = jax.devices()[0]
+  have = device_memory(device)
+  if have is None or need <= have:
+    return
+  size, path, x = max(sizes, key=lambda item: item[0])
+  gib, name = 2.0 ** 30, checkpoint_lib.path_name(path).removesuffix('/.value')
+  raise ValueError(
+      f'model: parameters, gradients and optimizer state need {need / gib:,.1f} GiB per '
+      f'device, more than the {have / gib:,.1f} GiB of one {device.device_kind} device (the '
+      f'largest, {name} {tuple(x.shape)}, is {size / gib:,.1f} GiB per device); allowed: smaller '
+      'model.* sizes or more devices on the mesh axes that shard them')
 
 
 @contextlib.contextmanager
@@ -218,13 +264,19 @@ RUN_IDENTITY = ('seed', 'model.arch', 'model.vocab_size', 'model.d_model', 'mode
                 'model.moe.num_shared_experts', 'optim.name', 'data.source', 'data.tokenizer')
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ValueError if ``workdir`` holds a run whose `RUN_IDENTITY` fields differ."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+def check_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  dataset: str | None = None) -> None:
+  """Raises ValueError if ``workdir``'s newest checkpoint holds a run whose `RUN_IDENTITY`
+  fields differ or (given ``dataset``, see `sources.dataset_identity`) another dataset.
+
+  The identity is what the checkpoints stored, so a start that saved nothing constrains
+  nothing."""
+  committed = workdir_lib.committed_run(workdir)
+  if committed is None:
     return
-  with open(path) as f:
-    old = ml_collections.ConfigDict(json.load(f))
+  step, stored, run = committed
+  old = ml_collections.ConfigDict(stored)
+  where = f'--workdir={workdir} holds a run (checkpoint {step})'
   for name in RUN_IDENTITY:
     try:
       was = functools.reduce(lambda c, key: c[key], name.split('.'), old)
@@ -232,15 +284,21 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
       continue
     now = functools.reduce(lambda c, key: c[key], name.split('.'), config)
     if was != now:
-      raise ValueError(f'{name}={now!r}: --workdir={workdir} holds a run with {name}={was!r}; '
-                       'allowed: its value (to resume that run) or a new --workdir')
+      raise ValueError(f'{name}={now!r}: {where} with {name}={was!r}; allowed: its value '
+                       '(to resume that run) or a new --workdir')
   # The rate itself may change on resume, but whether the expert-bias variables exist may not.
   had_bias = old.get('model', {}).get('moe', {}).get('bias_update_rate', 0.0) > 0
   if had_bias != (config.model.moe.bias_update_rate > 0):
     raise ValueError(f'model.moe.bias_update_rate={config.model.moe.bias_update_rate!r}: '
-                     f'--workdir={workdir} holds a run {"with" if had_bias else "without"} '
-                     f'expert biases; allowed: a rate {"> 0" if had_bias else "of 0"} (to resume '
-                     'that run) or a new --workdir')
+                     f'{where} {"with" if had_bias else "without"} expert biases; allowed: a '
+                     f'rate {"> 0" if had_bias else "of 0"} (to resume that run) or a new '
+                     '--workdir')
+  if dataset is not None and run.get('dataset', dataset) != dataset:
+    field = 'data.files' if config.data.source == 'files' else 'data.source'
+    raise ValueError(f'{field}: {where} trained on {run["dataset"]}, but this config reads '
+                     f'{dataset}; allowed: the same data (to resume that run), or a new '
+                     f'--workdir with --config.train.init_from={workdir} to go on from its '
+                     'weights with the new data')
 
 
 def param_filter(spec: str):
@@ -312,14 +370,27 @@ class Profiler:
 def check_numerics(state: State, metrics: dict, step: int, start: int,
                    config: ml_collections.ConfigDict) -> None:
   """At log and checkpoint steps: raises NonFiniteError if this run skipped a step under
-  ``train.nonfinite='stop'``, or if the parameters themselves became non-finite."""
+  ``train.nonfinite='stop'``, skipped ``train.max_skipped_steps`` steps in a row, or if the
+  parameters themselves became non-finite."""
   last_skipped = int(state['last_skipped_step'])
   if config.train.nonfinite == 'stop' and last_skipped > start:
     raise NonFiniteError(
-        f'non-finite loss or gradients at step {last_skipped} (train.nonfinite=stop); '
+        f'non-finite loss, gradients or update at step {last_skipped} (train.nonfinite=stop); '
         f'nothing after step {start} was saved')
+  in_a_row = int(state['skipped_in_a_row'])
+  if in_a_row >= config.train.max_skipped_steps:
+    raise NonFiniteError(
+        f'steps {step - in_a_row + 1}-{step} were all skipped (non-finite loss, gradients or '
+        f'update; train.max_skipped_steps={config.train.max_skipped_steps}); not saving them: '
+        'the newest checkpoint holds the last good state')
   if not np.isfinite(float(metrics['param_norm'])):
     raise NonFiniteError(f'parameters are non-finite after step {step}; not saving them')
+
+
+def made_progress(state: State, step: int, start: int) -> bool:
+  """Whether some step of this run since ``start`` was not skipped: a run whose every step
+  was skipped has nothing worth a checkpoint."""
+  return int(state['skipped_in_a_row']) < step - start
 
 
 def perf_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -338,12 +409,12 @@ def perf_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def restore_or_init(s: Setup, checkpointer: Checkpointer, data_iter, lead: bool
                     ) -> tuple[State, int]:
-  """(state, step): the workdir's latest checkpoint, else a fresh init (plus
+  """(state, step): the workdir's newest checkpoint that restores, else a fresh init (plus
   ``train.init_from`` params)."""
   config = s.config
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, data_state = checkpointer.restore(start, s.abstract_state)
+  restored = checkpointer.restore_newest(s.abstract_state, lead=lead)
+  if restored is not None:
+    start, state, data_state = restored
     data_iter.set_state(data_state)
     if lead:
       print(f'Resumed from {checkpointer.directory}/{start}', flush=True)
@@ -361,22 +432,30 @@ def restore_or_init(s: Setup, checkpointer: Checkpointer, data_iter, lead: bool
   return state, 0
 
 
+def process_0_first(fn):
+  """``fn()`` on process 0 before the others go on, its error raised on every process (the
+  others raise ``RuntimeError``): none waits at a barrier that process 0 never reaches."""
+  error, result = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # noqa: BLE001 -- re-raised below, after the barrier
+      error = e
+  if jax.process_count() > 1:
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and np.any(failed):
+      raise RuntimeError('process 0 failed to start; its output says why')
+  if error is not None:
+    raise error
+  return result
+
+
 def open_data(config: ml_collections.ConfigDict, stack: contextlib.ExitStack):
   """(train iterator, eval batches) for this process; raises ValueError for bad data fields."""
   t = config.train
-  if jax.process_count() > 1:
-    # Process 0 builds a missing 'stdlib' / 'files' dataset first: on a shared filesystem the
-    # others then find it ready instead of all writing it at once. Its error is raised only
-    # after the barrier, so no process waits there forever.
-    error = None
-    if jax.process_index() == 0:
-      try:
-        sources.builder_for(config)
-      except ValueError as e:
-        error = e
-    multihost_utils.sync_global_devices('switchmoe: dataset ready')
-    if error is not None:
-      raise error
+  # Process 0 builds a missing 'stdlib' / 'files' dataset first: on a shared filesystem the
+  # others then find it ready instead of all writing it at once.
+  process_0_first(lambda: sources.builder_for(config))
   per_process = t.batch_size // jax.process_count()
   data_iter = data_lib.make_train_iterator(config, batch_size=per_process,
                                            process_index=jax.process_index(),
@@ -391,43 +470,62 @@ def open_data(config: ml_collections.ConfigDict, stack: contextlib.ExitStack):
   return data_iter, eval_batches
 
 
+class StoppedDuringStartup(Exception):
+  """SIGTERM / SIGINT arrived before the first step: nothing to save (exit 0)."""
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains to ``config.train.num_steps``, resuming from ``workdir`` if it has checkpoints.
 
-  Everything that can be checked (config fields, workdir compatibility, data fields,
-  ``init_from`` path, mesh) raises ValueError before compiling or writing to ``workdir``.
-  SIGTERM / SIGINT end the run after the current step with a checkpoint. Returns the metric
-  records logged by this call (also in ``workdir/metrics.jsonl``).
+  Everything that can be checked (config fields, workdir path, lock and compatibility, data
+  fields, ``init_from`` path, memory, mesh) raises before compiling: ValueError for bad input,
+  `workdir.LockHeld` if another process trains in ``workdir``. SIGTERM / SIGINT end the run
+  after the current step with a checkpoint (during start-up: `StoppedDuringStartup`). Returns
+  the metric records logged by this call (also in ``workdir/metrics.jsonl``).
   """
   config_lib.validate(config)
-  check_workdir(config, workdir)
   t = config.train
   if t.init_from:
     checkpoint_lib.find_params(t.init_from)
   lead = jax.process_index() == 0
   records = []
   with contextlib.ExitStack() as stack:
+    # First, so that a preemption during the slow start-up is answered, not fatal.
+    signals = stack.enter_context(StopSignals())
+
+    def startup_point():
+      if signals.received:
+        raise StoppedDuringStartup(signals.received)
+
+    workdir = workdir_lib.check_path(workdir)
+    process_0_first(lambda: stack.enter_context(workdir_lib.Lock(workdir)))
+    check_workdir(config, workdir)
     data_iter, eval_batches = open_data(config, stack)
+    dataset = sources.dataset_identity(config)
+    check_workdir(config, workdir, dataset)
+    startup_point()
     s = make_setup(config)
-    os.makedirs(workdir, exist_ok=True)
+    startup_point()
     if lead:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:  # for people; not the identity
         f.write(config.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, keep_period=t.keep_period)
     stack.callback(checkpointer.close)
-    signals = stack.enter_context(StopSignals())
     stack.enter_context(mesh_context(s))
     state, start = restore_or_init(s, checkpointer, data_iter, lead)
+    startup_point()
     writer = MetricWriter(workdir, start=start, enabled=lead)
     stack.callback(writer.close)
     profiler = Profiler(workdir, start + 2, t.profile_steps, enabled=lead)
     stack.callback(profiler.stop)
     progress = Progress(t.num_steps, start, enabled=lead)
     config_json = json.loads(config.to_json())
+    run_json = {'dataset': dataset}
     for step in range(start + 1, t.num_steps + 1):
       profiler.before(step)
       state, metrics = s.train_step(state, device_batch(s, next(data_iter)))
       profiler.after(step, state)
+      checkpointer.check_for_errors()  # a failed async save stops the run now
       if step == start + 1:  # keep compilation out of the step-time and ETA figures
         jax.block_until_ready(metrics)
         first_step_time = progress.lap(step)
@@ -442,7 +540,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         step_time = progress.lap(step)
         record = {f'train/{k}': v for k, v in metrics.items() if k != 'moe'}
         record['moe'] = metrics['moe']
-        record.update(perf_metrics(config, s.mesh, step_time))
+        if step > start + 1:  # the first step's time is mostly compilation
+          record.update(perf_metrics(config, s.mesh, step_time))
         if evaluate_now or last:
           record.update(evaluate(s, state['params'], eval_batches))
           progress.lap(step)  # evaluation time is not training time
@@ -450,19 +549,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         progress.report(step, records[-1], step_time)
       if step % t.checkpoint_every == 0 or last or stop:
         check_numerics(state, jax.device_get(metrics), step, start, config)
-        checkpointer.save(step, state, data_iter.get_state(), config_json)
+        if made_progress(state, step, start):
+          checkpointer.save(step, state, data_iter.get_state(), config_json, run_json)
+        elif last:
+          raise NonFiniteError(f'all {step - start} steps of this run were skipped (non-finite '
+                               'loss, gradients or update); nothing was saved')
       if stop:
         checkpointer.wait()
         if lead:
-          print(f'Stopped by {signals.received or "another process"} after step {step}; saved '
-                f'{checkpointer.directory}/{step}. Run the same command to resume.',
-                flush=True)
+          saved = checkpointer.latest_step()
+          print(f'Stopped by {signals.received or "another process"} after step {step}; '
+                + (f'saved {checkpointer.directory}/{saved}' if saved == step else
+                   'every step since the start was skipped, so nothing new was saved')
+                + '. Run the same command to resume.', flush=True)
         break
     else:  # not stopped by a signal, which has said its own last word
       checkpointer.wait()
       if lead:
-        folder = os.path.abspath(workdir)
         print(f'Done: checkpoint {checkpointer.directory}/{checkpointer.latest_step()}, metrics '
-              f'{folder}/metrics.jsonl, TensorBoard events {folder}/events.out.tfevents.*',
+              f'{workdir}/metrics.jsonl, TensorBoard events {workdir}/events.out.tfevents.*',
               flush=True)
   return records

@@ -80,11 +80,15 @@ BAD = [
     (setter('seed', -1), r"^seed=-1: must be >= 0$"),
     (setter('model.dropout_rate', 1.0), r"^model\.dropout_rate=1\.0: must be in \[0, 1\)$"),
     (setter('train.batch_size', 0), r"^train\.batch_size=0: must be > 0$"),
-    (setter('optim.learning_rate', float('inf')), r"^optim\.learning_rate=inf: must be finite "
-                                                  r"and > 0$"),
-    (setter('optim.learning_rate', float('nan')), r"^optim\.learning_rate=nan: must be finite "
-                                                  r"and > 0$"),
-    (setter('optim.learning_rate', 0.0), r"^optim\.learning_rate=0\.0: must be finite and > 0$"),
+    (setter('optim.learning_rate', float('inf')), r"^optim\.learning_rate=inf: must be finite$"),
+    (setter('optim.learning_rate', float('nan')), r"^optim\.learning_rate=nan: must be finite$"),
+    (setter('optim.learning_rate', 0.0), r"^optim\.learning_rate=0\.0: must be > 0$"),
+    # every float field is checked for finiteness, not just the learning rate
+    (setter('model.init_scale', float('inf')), r"^model\.init_scale=inf: must be finite$"),
+    (setter('model.moe.capacity_factor', float('nan')),
+     r"^model\.moe\.capacity_factor=nan: must be finite$"),
+    (setter('optim.grad_clip', float('inf')), r"^optim\.grad_clip=inf: must be finite$"),
+    (setter('train.max_skipped_steps', 0), r"^train\.max_skipped_steps=0: must be >= 1$"),
     (setter('model.moe.router_z_loss', -0.1), r"^model\.moe\.router_z_loss=-0\.1: must be >= 0$"),
     (setter('model.moe.load_balance_loss', -0.01), r"^model\.moe\.load_balance_loss=-0\.01: "
                                                    r"must be >= 0$"),
@@ -158,9 +162,11 @@ def test_group_size_is_capped_at_the_batch_tokens():
   config_lib.validate(c)
 
 
-def write_run(workdir, config):
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+def write_run(workdir, config, step=5):
+  """What a checkpoint commits of a run's identity: its config (``<step>/config``)."""
+  folder = os.path.join(workdir, 'checkpoints', str(step), 'config')
+  os.makedirs(folder)
+  with open(os.path.join(folder, 'metadata'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
 
 
@@ -169,14 +175,36 @@ def test_workdir_with_an_incompatible_run_is_refused_untouched(data_dir, tmp_pat
   old = tiny_config()
   old.model.d_model = 64
   write_run(workdir, old)
-  before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+  before = files(workdir)
   new = tiny_config()
   new.data.data_dir = data_dir
   with pytest.raises(ValueError, match=(
-      rf'^model\.d_model=32: --workdir={workdir} holds a run with model\.d_model=64; '
-      r'allowed: its value \(to resume that run\) or a new --workdir$')):
+      rf'^model\.d_model=32: --workdir={workdir} holds a run \(checkpoint 5\) with '
+      r'model\.d_model=64; allowed: its value \(to resume that run\) or a new --workdir$')):
     train.train(new, workdir)
-  assert {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)} == before
+  lock = os.path.join(workdir, 'lock')
+  assert os.path.getsize(lock) == 0  # taken for the check, then released
+  assert {k: v for k, v in files(workdir).items() if k != lock} == before
+
+
+def files(workdir):
+  """{path: mtime} of every file under ``workdir``."""
+  paths = [os.path.join(root, n) for root, _, names in os.walk(workdir) for n in names]
+  return {p: os.path.getmtime(p) for p in paths}
+
+
+def test_a_start_that_saved_nothing_constrains_nothing(tmp_path):
+  """Identity comes from checkpoints: a config.json left by a failed start is not one."""
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  other = tiny_config()
+  other.model.d_model = 64
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(other.to_json_best_effort())
+  train.check_workdir(tiny_config(), workdir)
+  write_run(workdir, other)
+  with pytest.raises(ValueError, match=r'^model\.d_model=32: '):
+    train.check_workdir(tiny_config(), workdir)
 
 
 def test_workdir_resume_may_change_capacity_dropout_and_schedule(tmp_path):
@@ -199,7 +227,8 @@ def test_workdir_resume_keeps_expert_biases_on_or_off(tmp_path):
   with_bias = tiny_config(bias_update_rate=0.001)
   write_run(workdir, with_bias)
   train.check_workdir(tiny_config(bias_update_rate=0.01), workdir)  # the rate may change
-  with pytest.raises(ValueError, match=r'^model\.moe\.bias_update_rate=0\.0: .* holds a run with '
+  with pytest.raises(ValueError, match=r'^model\.moe\.bias_update_rate=0\.0: .* holds a run '
+                                       r'.* with '
                                        r'expert biases; allowed: a rate > 0'):
     train.check_workdir(tiny_config(), workdir)
 

@@ -51,7 +51,7 @@ def test_nonfinite_step_stops_the_run_before_saving(data_dir, corpus, compile_ca
   patch_batches(monkeypatch, nan_at(7))
   workdir = str(tmp_path / 'run')
   config = run_config(data_dir, 20, nonfinite='stop', checkpoint_every=5)
-  with pytest.raises(train.NonFiniteError, match='non-finite loss or gradients at step 7'):
+  with pytest.raises(train.NonFiniteError, match='non-finite loss, gradients or update at step 7'):
     train.train(config, workdir)
   assert checkpoint_steps(workdir) == [5]  # detected at step 10, which was not saved
 

@@ -2,7 +2,6 @@
 readers, a persistent compilation cache and command-line runs."""
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import jax
 import pytest
 from jax._src import compilation_cache
 
+from switchmoe import metrics as metrics_lib
 from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,8 +83,7 @@ def cli_args(workdir, data_dir, num_steps, *extra):
 
 def read_metrics(workdir):
   """{step: record} from metrics.jsonl; fails if a step appears twice."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  records = metrics_lib.read_metrics(workdir)
   steps = [r['step'] for r in records]
   assert steps == sorted(set(steps)), steps
   return {r['step']: r for r in records}
