@@ -46,7 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8
   e.every = 2                  # every 2nd FFN is a Switch layer; 0 = dense (T5 baseline)
-  e.group_size = 256           # tokens per routing group (capped at the batch's tokens)
+  e.group_size = 256           # tokens per routing group (capped at the batch's tokens);
+                               # 0: each sequence is one group
   e.capacity_factor = 1.25
   e.eval_capacity_factor = 2.0
   e.min_capacity = 4
@@ -261,7 +262,7 @@ def _check_groups(c: ml_collections.ConfigDict) -> None:
     stacks.append(('encoder', 'data.inputs_length', d.inputs_length, m.num_layers))
   for stack, length_name, length, layers in stacks:
     tokens = t.batch_size * length
-    if layers >= e.every and tokens % min(e.group_size, tokens):
+    if e.group_size and layers >= e.every and tokens % min(e.group_size, tokens):
       raise ValueError(f'model.moe.group_size={e.group_size}: does not divide the {tokens} '
                        f'{stack} tokens of a batch (train.batch_size * {length_name}); '
                        f'allowed: a divisor of {tokens}')
@@ -323,7 +324,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('optim.name', o.name, OPTIMIZERS)
   _choice('optim.schedule', o.schedule, SCHEDULES)
   for name in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
-               'model.d_kv', 'model.d_ff', 'model.init_scale', 'model.moe.group_size',
+               'model.d_kv', 'model.d_ff', 'model.init_scale',
                'data.inputs_length', 'data.targets_length', 'train.num_steps',
                'train.batch_size', 'train.log_every', 'train.eval_every',
                'train.checkpoint_every'):
@@ -335,6 +336,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive('optim.learning_rate', o.learning_rate)
   if e.every < 0:
     raise ValueError(f'model.moe.every={e.every}: must be >= 0 (0 = dense)')
+  _at_least('model.moe.group_size', e.group_size, 0)
   if e.every > 0:
     _positive('model.moe.num_experts', e.num_experts)
     _positive('model.moe.capacity_factor', e.capacity_factor)

@@ -132,9 +132,12 @@ def all_to_all_experts(run, experts: FeedForward, key: jax.Array | None,
   return y
 
 
-def routing_groups(num_tokens: int, group_size: int) -> tuple[int, int]:
-  """(G, S): group size is capped at the token count and must divide it."""
-  size = min(group_size, num_tokens)
+def routing_groups(batch: int, length: int, group_size: int) -> tuple[int, int]:
+  """(G, S) for a batch of ``batch`` sequences of ``length`` tokens. ``group_size`` 0 routes
+  each sequence as one group (as HF and many released checkpoints do); otherwise the group
+  size is capped at the token count and must divide it."""
+  num_tokens = batch * length
+  size = length if group_size == 0 else min(group_size, num_tokens)
   if num_tokens % size:
     raise ValueError(f'model.moe.group_size={group_size} does not divide the {num_tokens} '
                      'tokens of this batch (batch_size * length)')
@@ -237,7 +240,7 @@ class MoeLayer(nnx.Module):
     bias also ``selected_fraction_E`` (share of the router's choices per expert, before
     capacity) and ``expert_bias_max`` (max |b|). All average over real tokens."""
     b, l, d = x_BxLxD.shape
-    g, s = routing_groups(b * l, self.group_size)
+    g, s = routing_groups(b, l, self.group_size)
     capacity = self.capacity(s, deterministic)
     valid_BxL = routing.real_tokens(valid_BxL, (b, l))
     valid_GxS = valid_BxL.reshape(g, s)

@@ -156,6 +156,15 @@ def test_router_input_exploration_works_with_every_router(router):
   config_lib.validate(tiny_config(router=router, exploration='input_dropout'))
 
 
+def test_group_size_0_is_one_group_per_sequence_whatever_the_lengths():
+  c = tiny_config(group_size=0)
+  c.data.inputs_length, c.data.targets_length = 30, 7  # no group size divides both stacks
+  config_lib.validate(c)
+  c.model.moe.group_size = -1
+  with pytest.raises(ValueError, match=r'^model\.moe\.group_size=-1: must be >= 0$'):
+    config_lib.validate(c)
+
+
 def test_group_size_is_capped_at_the_batch_tokens():
   c = tiny_config()
   c.model.moe.group_size = 10_000  # larger than any stack's tokens: one group per stack

@@ -679,6 +679,23 @@ def test_padding_gets_zero_output_and_takes_no_capacity(router, dispatch):
     assert not np.allclose(y_text[valid], y_ref[valid], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('router,dispatch', _LAYER_KINDS)
+def test_group_size_0_routes_each_sequence_as_one_group(router, dispatch):
+  """As HF routes: every row is its own group, with its own capacity."""
+  layer = make_layer(router=router, dispatch=dispatch, group_size=0, seed=6)
+  x = random_x(6)
+  y, _ = call(layer, jnp.asarray(x))
+  per_row = [ref_moe(x[i:i + 1], weights(layer), group_size=L,
+                     capacity=layer.capacity(L, True), router=router) for i in range(B)]
+  assert min(min_gap(probs) for _, probs, _ in per_row) > 1e-4
+  y_ref = np.concatenate([y_row for y_row, _, _ in per_row])
+  np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5)
+  if dispatch != 'dropless':  # not vacuous: one group over both rows routes otherwise
+    y_one = ref_moe(x, weights(layer), group_size=B * L, capacity=layer.capacity(B * L, True),
+                    router=router)[0]
+    assert not np.allclose(y_one, y_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('dispatch', ['einsum', 'gather'])
 def test_padding_gets_zero_output_expert_parallel(dispatch):
   """The shard_map path only sees expert buffers, which padding never enters."""
