@@ -57,13 +57,11 @@ class Setup:
   mesh: jax.sharding.Mesh
   rules: sharding.Rules
   graphdef: nnx.GraphDef
-  tx: optax.GradientTransformation
-  state_shardings: Any
-  abstract_state: Any  # ShapeDtypeStructs with shardings: the restore target
+  abstract_state: State  # ShapeDtypeStructs with shardings: the restore target
   batch_sharding: jax.sharding.NamedSharding
-  init: Any          # key -> State, placed in state_shardings (compiled)
-  train_step: Any    # (State, batch) -> (State, metrics)
-  eval_step: Any     # (params, batch) -> summed metrics
+  init: Any          # key -> State, placed in the state's shardings (compiled)
+  train_step: Any    # (State, batch) -> (State, metrics): `train_step`, jitted
+  eval_step: Any     # (params, batch) -> summed metrics: `eval_step`, jitted
 
 
 def batch_devices(mesh: jax.sharding.Mesh, rules: sharding.Rules) -> int:
@@ -72,9 +70,81 @@ def batch_devices(mesh: jax.sharding.Mesh, rules: sharding.Rules) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+def split_trainable(graphdef: nnx.GraphDef, variables: dict) -> tuple[dict, dict]:
+  """(the nnx.Params, every other variable: the expert biases) of a params dict."""
+  model = nnx.merge(graphdef, variables)
+  return (nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+          nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+
+
+def init_state(key: jax.Array, *, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, param_shardings) -> State:
+  """A fresh train state: the model initialised from ``key``, optimizer state, counters."""
+  model = LanguageModel(config.model, rngs=nnx.Rngs(params=key))
+  variables = jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model)),
+                                               param_shardings)
+  zero = jnp.zeros((), jnp.int32)
+  return {'params': variables, 'opt_state': tx.init(split_trainable(graphdef, variables)[0]),
+          'step': zero, 'skipped_steps': zero, 'last_skipped_step': zero,
+          'skipped_in_a_row': zero}
+
+
+def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+               ) -> tuple[State, dict]:
+  """One optimizer step on ``batch`` (each feature [batch, length]); returns the new state and
+  the step's metrics. A step whose loss, gradient, update or new parameters are not finite
+  changes neither parameters nor optimizer state (nor expert biases) and is counted."""
+  step_key = jax.random.fold_in(jax.random.key(config.seed), state['step'])
+  trainable, fixed = split_trainable(graphdef, state['params'])
+
+  def loss_fn(params):
+    # Rngs are stateful: build them inside the differentiated function's trace.
+    rngs = nnx.Rngs(**{name: jax.random.fold_in(step_key, i)
+                       for i, name in enumerate(('dropout',) + routing.RNG_STREAMS)})
+    return loss_and_metrics(nnx.merge(graphdef, params, fixed), batch, deterministic=False,
+                            rngs=rngs)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  grad_norm = optax.tree.norm(grads)
+  grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip)
+  updates, opt_state = tx.update(grads, state['opt_state'], trainable)
+  params = optax.apply_updates(trainable, updates)
+  update_norm = optax.tree.norm(updates)
+  # A finite gradient can still overflow into the update or the new weights (a huge
+  # learning rate); such a step is skipped like one with a non-finite loss.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+            & jnp.isfinite(optax.tree.norm(params)))
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (params, opt_state), (trainable, state['opt_state']))
+  model = nnx.merge(graphdef, params, fixed)
+  rate = config.model.moe.bias_update_rate
+  if rate:  # a skipped step leaves the biases as they were, like the weights
+    model.balance_experts(metrics['moe'], jnp.where(finite, rate, 0.0))
+  step = state['step'] + 1
+  skipped = state['skipped_steps'] + (~finite).astype(jnp.int32)
+  lr_schedule = schedule(config.optim, config.train.num_steps)
+  metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                 update_norm=update_norm, skipped_steps=skipped,
+                 learning_rate=lr_schedule(state['step']))
+  return {'params': nnx.to_pure_dict(nnx.state(model)), 'opt_state': opt_state, 'step': step,
+          'skipped_steps': skipped,
+          'last_skipped_step': jnp.where(finite, state['last_skipped_step'], step),
+          'skipped_in_a_row': jnp.where(finite, 0, state['skipped_in_a_row'] + 1)}, metrics
+
+
+def eval_step(params: dict, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> dict:
+  """Deterministic forward pass; sums over target tokens, so that averages over several
+  batches are exact."""
+  _, m = loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=True)
+  weight = jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32))
+  return {'ce_sum': m['ce'] * weight, 'correct': m['accuracy'] * weight, 'weight': weight,
+          'dropped_fraction': m['dropped_fraction']}
+
+
 def make_setup(config: ml_collections.ConfigDict,
                devices: list[jax.Device] | None = None) -> Setup:
-  """Validates ``config`` and builds (without compiling) the run's sharded functions."""
+  """Validates ``config`` and builds the run's sharded functions (compiling only the init)."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
   rules = sharding.merge_rules(config.mesh.rules)
@@ -92,84 +162,21 @@ def make_setup(config: ml_collections.ConfigDict,
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
   check_fits(config, abstract_params, param_shardings)
-
-  def split_trainable(variables: dict) -> tuple[dict, dict]:
-    """(the nnx.Params, every other variable: the expert biases) of a params dict."""
-    model = nnx.merge(graphdef, variables)
-    return (nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-            nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-
-  def init(key: jax.Array) -> State:
-    model = LanguageModel(config.model, rngs=nnx.Rngs(params=key))
-    variables = jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model)),
-                                                 param_shardings)
-    zero = jnp.zeros((), jnp.int32)
-    return {'params': variables, 'opt_state': tx.init(split_trainable(variables)[0]),
-            'step': zero, 'skipped_steps': zero, 'last_skipped_step': zero,
-            'skipped_in_a_row': zero}
-
+  init = functools.partial(init_state, config=config, graphdef=graphdef, tx=tx,
+                           param_shardings=param_shardings)
   with jax.set_mesh(mesh), sharding.use_rules(rules, config.mesh.expert_parallel):
     # Compiled once: the optimizer state's shardings are whatever GSPMD chose for it.
     compiled_init = jax.jit(init).lower(jax.random.key(0)).compile()
   state_shardings = compiled_init.output_shardings
-  base_key = jax.random.key(config.seed)
-  lr_schedule = schedule(config.optim, config.train.num_steps)
-
-  def train_step(state: State, batch) -> tuple[State, dict]:
-    step_key = jax.random.fold_in(base_key, state['step'])
-    trainable, fixed = split_trainable(state['params'])
-
-    def loss_fn(params):
-      # Rngs are stateful: build them inside the differentiated function's trace.
-      rngs = nnx.Rngs(**{name: jax.random.fold_in(step_key, i)
-                         for i, name in enumerate(('dropout',) + routing.RNG_STREAMS)})
-      return loss_and_metrics(nnx.merge(graphdef, params, fixed), batch, deterministic=False,
-                              rngs=rngs)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    grad_norm = optax.tree.norm(grads)
-    grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip)
-    updates, opt_state = tx.update(grads, state['opt_state'], trainable)
-    params = optax.apply_updates(trainable, updates)
-    update_norm = optax.tree.norm(updates)
-    # A finite gradient can still overflow into the update or the new weights (a huge
-    # learning rate); such a step is skipped like one with a non-finite loss.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-              & jnp.isfinite(optax.tree.norm(params)))
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (trainable, state['opt_state']))
-    model = nnx.merge(graphdef, params, fixed)
-    rate = config.model.moe.bias_update_rate
-    if rate:  # a skipped step leaves the biases as they were, like the weights
-      model.balance_experts(metrics['moe'], jnp.where(finite, rate, 0.0))
-    step = state['step'] + 1
-    skipped = state['skipped_steps'] + (~finite).astype(jnp.int32)
-    in_a_row = jnp.where(finite, 0, state['skipped_in_a_row'] + 1)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
-                   update_norm=update_norm, skipped_steps=skipped,
-                   learning_rate=lr_schedule(state['step']))
-    return {'params': nnx.to_pure_dict(nnx.state(model)), 'opt_state': opt_state, 'step': step,
-            'skipped_steps': skipped,
-            'last_skipped_step': jnp.where(finite, state['last_skipped_step'], step),
-            'skipped_in_a_row': in_a_row}, metrics
-
-  def eval_step(params, batch) -> dict:
-    """Sums over tokens, so that averages over several batches are exact."""
-    _, m = loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=True)
-    weight = jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32))
-    return {'ce_sum': m['ce'] * weight, 'correct': m['accuracy'] * weight, 'weight': weight,
-            'dropped_fraction': m['dropped_fraction']}
-
   batch_sharding = jax.sharding.NamedSharding(
       mesh, sharding.logical_to_spec(('batch', None), mesh.axis_names, rules))
+  step = functools.partial(train_step, config=config, graphdef=graphdef, tx=tx)
   return Setup(
-      config=config, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
-      state_shardings=state_shardings, batch_sharding=batch_sharding,
+      config=config, mesh=mesh, rules=rules, graphdef=graphdef, batch_sharding=batch_sharding,
       abstract_state=abstract_like(compiled_init.out_info, state_shardings),
       init=compiled_init,
-      train_step=jax.jit(train_step, out_shardings=(state_shardings, None),
-                         donate_argnums=0),
-      eval_step=jax.jit(eval_step))
+      train_step=jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=0),
+      eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef)))
 
 
 def device_memory(device: jax.Device) -> int | None:
