@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from switchmoe.config import default_config, unknown_field_message
 
@@ -252,7 +253,7 @@ def _tuples(value):
 
 def path_name(path) -> str:
   """'encoder/layers/0/ffn/experts/wi' for a jax key path."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda name: True,
@@ -283,7 +284,7 @@ def load_params(path: str, target: Any, select: Callable[[str], bool] = lambda n
     if tuple(stored[name].shape) != tuple(x.shape):
       raise ValueError(f'train.init_from: parameter {name} is {tuple(stored[name].shape)} in '
                        f'{folder}, {tuple(x.shape)} in this model')
-  subset = _unflatten(wanted)
+  subset = traverse_util.unflatten_dict(wanted, sep='/')
   for key in reversed(prefix):
     subset = {key: subset}
   restore_args = jax.tree.map(
@@ -312,14 +313,3 @@ def _quiet_absl():
     yield
   finally:
     logger.setLevel(level)
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree

@@ -12,18 +12,12 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+from flax import traverse_util
 
 
-def flatten(tree: Mapping, prefix: str = '') -> dict:
+def flatten(tree: Mapping) -> dict:
   """{'moe': {'encoder/layer_1': {'confidence': x}}} -> {'moe/encoder/layer_1/confidence': x}."""
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, f'{name}/'))
-    else:
-      flat[name] = value
-  return flat
+  return traverse_util.flatten_dict(dict(tree), sep='/')
 
 
 def to_python(value):

@@ -208,7 +208,7 @@ def check_fits(config: ml_collections.ConfigDict, abstract_params, shardings) ->
   if have is None or need <= have:
     return
   size, path, x = max(sizes, key=lambda item: item[0])
-  gib, name = 2.0 ** 30, checkpoint_lib.path_name(path).removesuffix('/.value')
+  gib, name = 2.0 ** 30, checkpoint_lib.path_name(path).removesuffix('/value')
   raise ValueError(
       f'model: parameters, gradients and optimizer state need {need / gib:,.1f} GiB per '
       f'device, more than the {have / gib:,.1f} GiB of one {device.device_kind} device (the '
