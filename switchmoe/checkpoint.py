@@ -34,6 +34,10 @@ from flax import traverse_util
 from switchmoe.config import default_config, unknown_field_message
 
 
+# Train-state counters newer than some checkpoints; a checkpoint without one restores it as 0.
+ADDED_COUNTERS = ('skipped_in_a_row',)
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written, or none of a workdir's checkpoints restores."""
 
@@ -107,13 +111,26 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config), run=ocp.args.JsonSave(run or {})))
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Returns (state placed like ``abstract_state``'s shardings, data iterator state)."""
+  def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    """Returns (state placed like ``abstract_state``'s shardings, data iterator state).
+
+    Counters in `ADDED_COUNTERS` that a checkpoint predates start at 0."""
+    with ocp.PyTreeCheckpointer() as reader, _quiet_absl():
+      stored = reader.metadata(os.path.join(self.directory, str(step), 'state')
+                               ).item_metadata.tree
+    missing = [k for k in abstract_state if k not in stored]
+    if any(k not in ADDED_COUNTERS for k in missing):
+      raise ValueError(f'{self.directory}/{step}/state lacks {", ".join(missing)}')
+    target = {k: v for k, v in abstract_state.items() if k not in missing}
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     if not isinstance(restored.data, dict):
       raise ValueError(f'{self.directory}/{step}/data holds no iterator state')
-    return restored.state, restored.data
+    state = dict(restored.state)
+    for k in missing:
+      state[k] = jax.device_put(jnp.zeros(abstract_state[k].shape, abstract_state[k].dtype),
+                                abstract_state[k].sharding)
+    return state, restored.data
 
   def restore_newest(self, abstract_state: Any, *, lead: bool = True
                      ) -> tuple[int, Any, dict] | None:

@@ -5,6 +5,7 @@ checks the exit code or error, its one line, and that nothing was lost."""
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -298,3 +299,29 @@ def test_a_changed_files_corpus_is_refused_on_resume(data_dir, compile_cache, tm
       rf'--workdir with --config\.train\.init_from={workdir} to go on')):
     train.train(config(20), workdir)
   assert checkpoint_steps(workdir) == [10]
+
+
+def test_a_checkpoint_older_than_a_state_counter_resumes_with_it_at_0(data_dir, corpus,
+                                                                       compile_cache, tmp_path):
+  """Checkpoints written before ``skipped_in_a_row`` existed still resume, exactly."""
+  straight = {r['step']: r for r in train.train(run_config(data_dir, 20), str(tmp_path / 'a'))}
+  workdir = str(tmp_path / 'b')
+  train.train(run_config(data_dir, 10), workdir)
+  s = train.make_setup(run_config(data_dir, 10))
+  step_10 = os.path.join(workdir, 'checkpoints', '10')
+  with open(os.path.join(step_10, 'config', 'metadata')) as f:
+    config = json.load(f)
+  with train.mesh_context(s):  # rewrite step 10 as an older version saved it
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=3)
+    state, data_state = checkpointer.restore(10, s.abstract_state)
+    checkpointer.close()
+    shutil.rmtree(step_10)
+    old = {k: v for k, v in state.items() if k != 'skipped_in_a_row'}
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=3)
+    checkpointer.save(10, old, data_state, config)
+    checkpointer.wait()
+    restored, _ = checkpointer.restore(10, s.abstract_state)
+    checkpointer.close()
+  assert int(restored['skipped_in_a_row']) == 0
+  resumed = {r['step']: r for r in train.train(run_config(data_dir, 20), workdir)}
+  assert_same_metrics(straight, resumed, [15, 20])
