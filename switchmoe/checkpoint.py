@@ -65,12 +65,19 @@ _CLOSED_LOOP_NOISE = ('Traceback (most recent call last)', 'base_events.py', '_c
                       'Event loop is closed')
 
 
+def _unretrieved_task_noise(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith('Task exception was never retrieved')
+
+
 @contextlib.contextmanager
 def _without_closed_loop_noise():
   """When a restore fails, tensorstore finishes the reads still in flight and calls back into
   the asyncio loop orbax has already closed; each callback prints a 'RuntimeError: Event loop
   is closed' traceback straight to file descriptor 2, hundreds per damaged checkpoint. This
   captures descriptor 2 meanwhile and passes on every other line."""
+  # The same failure also leaves asyncio tasks whose exception nobody retrieves; asyncio logs
+  # each (with its traceback) when the task is collected, which may be much later.
+  logging.getLogger('asyncio').addFilter(_unretrieved_task_noise)
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as capture:
@@ -115,9 +122,12 @@ class Checkpointer:
     """Returns (state placed like ``abstract_state``'s shardings, data iterator state).
 
     Counters in `ADDED_COUNTERS` that a checkpoint predates start at 0."""
+    folder = os.path.join(self.directory, str(step), 'state')
     with ocp.PyTreeCheckpointer() as reader, _quiet_absl():
-      stored = reader.metadata(os.path.join(self.directory, str(step), 'state')
-                               ).item_metadata.tree
+      metadata = reader.metadata(folder).item_metadata
+    if metadata is None:
+      raise ValueError(f'{folder}: no readable array metadata')
+    stored = metadata.tree
     missing = [k for k in abstract_state if k not in stored]
     if any(k not in ADDED_COUNTERS for k in missing):
       raise ValueError(f'{self.directory}/{step}/state lacks {", ".join(missing)}')
