@@ -277,6 +277,7 @@ def test_evaluate_and_export_of_a_damaged_checkpoint_are_one_line(data_dir, corp
   assert capsys.readouterr().err == 'error: --batches=0: must be >= 1\n'
 
 
+@pytest.mark.slow  # two more runs; .ci/run runs it after the default suite
 def test_a_changed_files_corpus_is_refused_on_resume(data_dir, compile_cache, tmp_path):
   folder = tmp_path / 'corpus'
   folder.mkdir()
@@ -301,6 +302,7 @@ def test_a_changed_files_corpus_is_refused_on_resume(data_dir, compile_cache, tm
   assert checkpoint_steps(workdir) == [10]
 
 
+@pytest.mark.slow  # two more runs; .ci/run runs it after the default suite
 def test_a_checkpoint_older_than_a_state_counter_resumes_with_it_at_0(data_dir, corpus,
                                                                        compile_cache, tmp_path):
   """Checkpoints written before ``skipped_in_a_row`` existed still resume, exactly."""
