@@ -156,9 +156,12 @@ class Checkpointer:
         try:
           state, data_state = self.restore(step, abstract_state)
         except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged step
-          failed.append((step, e))
+          error = e
           time.sleep(2)  # the reads still in flight end (and print) while captured
-      if failed and failed[-1][0] == step:
+        else:
+          error = None
+      if error is not None:
+        failed.append((step, error))
         continue
       for bad, error in failed if lead else ():
         aside = _free_name(os.path.join(self.directory, f'{bad}.corrupt'))
