@@ -18,6 +18,7 @@ import sys
 
 
 from switchmoe import checkpoint as checkpoint_lib
+from switchmoe import config as config_lib
 from switchmoe import train
 
 
@@ -26,6 +27,7 @@ def export(path: str, out: str, dtype: str | None) -> int:
   if os.path.exists(out):
     raise ValueError(f'{out}: exists; allowed: a new folder')
   config = checkpoint_lib.find_config(path)
+  config_lib.validate(config)
   s = train.make_setup(config)
   with train.mesh_context(s):
     params, names = checkpoint_lib.load_params(path, s.abstract_state['params'])

@@ -13,7 +13,6 @@ import re
 
 import ml_collections
 
-ARCHS = ('encoder_decoder', 'decoder')
 OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 DTYPES = ('float32', 'bfloat16')
@@ -155,12 +154,12 @@ def _positive(name: str, value) -> None:
 
 def _validate_routing(e: ml_collections.ConfigDict, arch: str) -> None:
   """Router / dispatch combinations (model.moe.*)."""
-  from switchmoe.moe import DISPATCHES
-  from switchmoe.routing import EXPLORATION, ROUTERS
+  from switchmoe.dispatch import DISPATCHES
+  from switchmoe.routing import EXPLORATION, ROUTERS, SECOND_POLICIES
   _choice('model.moe.router', e.router, ROUTERS)
   _choice('model.moe.dispatch', e.dispatch, DISPATCHES)
   _choice('model.moe.exploration', e.exploration, EXPLORATION)
-  _choice('model.moe.second_policy', e.second_policy, ('all', 'random'))
+  _choice('model.moe.second_policy', e.second_policy, SECOND_POLICIES)
   if e.router == 'topk' and not 1 <= e.num_selected <= e.num_experts:
     raise ValueError(f'model.moe.num_selected={e.num_selected}: must be in [1, num_experts]')
   if e.batch_prioritized and arch == 'decoder':
@@ -313,6 +312,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name, value in _leaves(c):
     if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f'{name}={value!r}: must be finite')
+  # Allowed values come from the modules that implement them.
+  from switchmoe.layers import ACTIVATIONS
+  from switchmoe.model import ARCHS
+  from switchmoe.sharding import EXPERT_PARALLEL
   m, e, d, o = c.model, c.model.moe, c.data, c.optim
   _choice('model.arch', m.arch, ARCHS)
   if d.objective not in OBJECTIVES[m.arch]:
@@ -320,7 +323,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f'allowed: {", ".join(map(repr, OBJECTIVES[m.arch]))}')
   _choice('model.dtype', m.dtype, DTYPES)
   _choice('model.moe.router_dtype', e.router_dtype, DTYPES)
-  _choice('model.ffn_activation', m.ffn_activation, ('relu', 'geglu'))
+  _choice('model.ffn_activation', m.ffn_activation, ACTIVATIONS)
   _choice('optim.name', o.name, OPTIMIZERS)
   _choice('optim.schedule', o.schedule, SCHEDULES)
   for name in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
@@ -352,7 +355,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      ('model.moe.expert_dropout', e.expert_dropout)):
     if not 0.0 <= rate < 1.0:
       raise ValueError(f'{name}={rate}: must be in [0, 1)')
-  _choice('mesh.expert_parallel', c.mesh.expert_parallel, ('gspmd', 'shard_map'))
+  _choice('mesh.expert_parallel', c.mesh.expert_parallel, EXPERT_PARALLEL)
   if len(tuple(c.mesh.shape)) != len(tuple(c.mesh.axes)):
     raise ValueError(f'mesh.shape {tuple(c.mesh.shape)} and mesh.axes {tuple(c.mesh.axes)} '
                      'differ in length')

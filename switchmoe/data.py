@@ -22,8 +22,6 @@ from switchmoe import preprocessing
 from switchmoe import sources
 from switchmoe.tokenizer import make_tokenizer
 
-ARCHS = ('encoder_decoder', 'decoder')
-
 # Evaluation noise and shuffling are seeded independently of config.seed so runs with different
 # training seeds are scored on identical batches.
 _EVAL_SEED = 20240611
@@ -42,9 +40,6 @@ _PREFETCH_BATCHES = 4
 def _check_config(config):
   """Validates the fields the pipelines read; returns the configured tokenizer."""
   tokenizer = make_tokenizer(config.data.tokenizer)
-  if config.model.arch not in ARCHS:
-    raise ValueError(
-        f'Unknown model.arch {config.model.arch!r}; allowed values: {", ".join(ARCHS)}.')
   if config.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(
         f'model.vocab_size={config.model.vocab_size} is smaller than the tokenizer vocabulary '

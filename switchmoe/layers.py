@@ -153,49 +153,72 @@ class Attention(nnx.Module):
     return constrain(out_BxLxD, ('batch', 'length', 'embed'))
 
 
-class FeedForward(nnx.Module):
-  """ReLU or GEGLU feed-forward block; with ``num_experts`` it is a stack of experts.
+ACTIVATIONS = ('relu', 'geglu')
 
-  Dense: x_BxLxD -> y_BxLxD with weights [D, F], [F, D].
-  Experts: x_ExTxD -> y_ExTxD with one batched weight per matrix, [E, D, F] and [E, F, D],
-  so the expert dimension can be sharded over the ``expert`` mesh axis.
-  """
+
+def _ffn_weights(rngs: nnx.Rngs, dim: int, hidden: int, activation: str, init_scale: float,
+                 lead: tuple[int, ...] = (), lead_axes: tuple[str, ...] = ()):
+  """wi, wi_gate (GEGLU only, else None), wo; ``lead`` dimensions are batch dimensions of the
+  init (one fan-in per expert)."""
+  batch = tuple(range(len(lead)))
+  make_in = lambda: init_param(rngs, (*lead, dim, hidden), (*lead_axes, 'embed', 'mlp'),
+                               init_scale, batch_axis=batch)
+  wi = make_in()
+  wi_gate = make_in() if activation == 'geglu' else None
+  wo = init_param(rngs, (*lead, hidden, dim), (*lead_axes, 'mlp', 'embed'), init_scale,
+                  batch_axis=batch)
+  return wi, wi_gate, wo
+
+
+def _ffn(module, x: jax.Array, matmul, hidden_axes, *, deterministic: bool,
+         rngs: nnx.Rngs | None) -> jax.Array:
+  """wo(dropout(act(wi x))) of a FeedForward or Experts ``module``, with its ``matmul``."""
+  cast = lambda p: p[...].astype(module.dtype)
+  h = matmul(x, cast(module.wi))
+  if module.wi_gate is not None:
+    h = jax.nn.gelu(matmul(x, cast(module.wi_gate)), approximate=True) * h
+  else:
+    h = jax.nn.relu(h)
+  h = constrain(h, hidden_axes)
+  h = dropout(h, module.dropout_rate, rngs, deterministic)
+  return matmul(h, cast(module.wo))
+
+
+class FeedForward(nnx.Module):
+  """Dense ReLU or GEGLU feed-forward block: x_BxLxD -> y_BxLxD, weights [D, F], [F, D]."""
 
   def __init__(self, dim: int, hidden: int, *, activation: str, init_scale: float,
-               dropout_rate: float, dtype, rngs: nnx.Rngs, num_experts: int | None = None):
-    if activation not in ('relu', 'geglu'):
-      raise ValueError(f'model.ffn_activation={activation!r}: expected "relu" or "geglu"')
-    lead, lead_axes, batch = (), (), ()
-    if num_experts is not None:
-      lead, lead_axes, batch = (num_experts,), ('expert',), (0,)
-    make_in = lambda: init_param(rngs, (*lead, dim, hidden), (*lead_axes, 'embed', 'mlp'),
-                                 init_scale, batch_axis=batch)
-    self.wi = make_in()
-    self.wi_gate = make_in() if activation == 'geglu' else None
-    self.wo = init_param(rngs, (*lead, hidden, dim), (*lead_axes, 'mlp', 'embed'), init_scale,
-                         batch_axis=batch)
-    self.activation, self.dropout_rate, self.dtype = activation, dropout_rate, dtype
-    self.is_experts = num_experts is not None
+               dropout_rate: float, dtype, rngs: nnx.Rngs):
+    self.wi, self.wi_gate, self.wo = _ffn_weights(rngs, dim, hidden, activation, init_scale)
+    self.dropout_rate, self.dtype = dropout_rate, dtype
+
+  def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    return _ffn(self, x_BxLxD, lambda a, w: jnp.einsum('bld,df->blf', a, w),
+                ('batch', 'length', 'mlp'), deterministic=deterministic, rngs=rngs)
+
+
+class Experts(nnx.Module):
+  """E feed-forward experts with batched weights [E, D, F], [E, F, D]; the leading expert
+  dimension is the logical ``expert`` axis, so it can be sharded over the mesh.
+
+  Two layouts of the input: an expert buffer x_Ex...xD (expert e runs on x[e]), or, with
+  ``group_sizes_E``, rows x_NxD sorted by expert (the first group_sizes_E[0] rows are expert
+  0's, ...), run as grouped matmuls (`jax.lax.ragged_dot`).
+  """
+
+  def __init__(self, num_experts: int, dim: int, hidden: int, *, activation: str,
+               init_scale: float, dropout_rate: float, dtype, rngs: nnx.Rngs):
+    self.wi, self.wi_gate, self.wo = _ffn_weights(rngs, dim, hidden, activation, init_scale,
+                                                  (num_experts,), ('expert',))
+    self.dropout_rate, self.dtype = dropout_rate, dtype
 
   def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
                group_sizes_E: jax.Array | None = None) -> jax.Array:
-    """Dense: x_BxLxD. Experts: x_ExTxD, or with ``group_sizes_E`` rows x_TxD sorted by
-    expert (the first group_sizes_E[0] rows go to expert 0, ...), run as grouped matmuls."""
-    cast = lambda p: p[...].astype(self.dtype)
     if group_sizes_E is not None:
-      matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_E)
-      hidden_axes = (None, 'mlp')
-    elif self.is_experts:
-      matmul = lambda a, w: jnp.einsum('etd,edf->etf', a, w)
-      hidden_axes = ('expert', 'batch', 'mlp')
-    else:
-      matmul = lambda a, w: jnp.einsum('bld,df->blf', a, w)
-      hidden_axes = ('batch', 'length', 'mlp')
-    h = matmul(x, cast(self.wi))
-    if self.activation == 'geglu':
-      h = jax.nn.gelu(matmul(x, cast(self.wi_gate)), approximate=True) * h
-    else:
-      h = jax.nn.relu(h)
-    h = constrain(h, hidden_axes)
-    h = dropout(h, self.dropout_rate, rngs, deterministic)
-    return matmul(h, cast(self.wo))
+      return _ffn(self, x, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_E), (None, 'mlp'),
+                  deterministic=deterministic, rngs=rngs)
+    x_ExTxD = x.reshape(x.shape[0], -1, x.shape[-1])
+    y_ExTxD = _ffn(self, x_ExTxD, lambda a, w: jnp.einsum('etd,edf->etf', a, w),
+                   ('expert', 'batch', 'mlp'), deterministic=deterministic, rngs=rngs)
+    return y_ExTxD.reshape(x.shape)

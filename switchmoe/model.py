@@ -2,8 +2,9 @@
 
 Both architectures share one `Block` (pre-norm self-attention, optional cross-attention,
 dense or Switch FFN) and one `Stack`. Models return ``(logits, aux)`` where ``aux`` maps each
-Switch layer's name (``encoder/layer_1``, ...) to its stats dict (see `switchmoe.moe`); a
-dense model returns an empty ``aux``.
+Switch layer's name (``encoder/layer_1``, ...) to its `switchmoe.moe.MoeStats`; a dense model
+returns an empty ``aux``. The model config is read here; ``model.moe`` becomes one
+`switchmoe.moe.MoeConfig` per stack.
 
 Shape suffixes: B batch, L length, Li encoder length, Lt decoder length, D d_model, V vocab.
 """
@@ -17,9 +18,10 @@ from flax import nnx
 
 from switchmoe.layers import (Attention, Embed, FeedForward, RelativePositionBias, RMSNorm,
                               dropout, init_param)
-from switchmoe.moe import AUX_LOSSES, MoeLayer
-from switchmoe.routing import RoutingOptions
+from switchmoe.moe import AUX_LOSSES, MoeConfig, MoeLayer, MoeStats
 from switchmoe.sharding import constrain
+
+ARCHS = ('encoder_decoder', 'decoder')
 
 Batch = dict[str, jax.Array]
 
@@ -29,25 +31,14 @@ def is_moe_layer(index: int, every: int) -> bool:
   return every > 0 and index % every == every - 1
 
 
-def routing_options(moe: ml_collections.ConfigDict, *, causal: bool) -> RoutingOptions:
-  """Batch-prioritized routing is for encoders only: in a causal stack it would let later
-  tokens take capacity from earlier ones."""
-  return RoutingOptions(
-      router=moe.router, num_selected=moe.num_selected, renormalize_gates=moe.renormalize_gates,
-      second_policy=moe.second_policy, second_threshold=moe.second_threshold,
-      capacity_scales_with_k=moe.capacity_scales_with_k,
-      batch_prioritized=moe.batch_prioritized and not causal, ntlb_rounds=moe.ntlb_rounds,
-      exploration=moe.exploration)
-
-
 class Block(nnx.Module):
   """One pre-norm Transformer layer; residual branches add into x_BxLxD.
 
   valid_BxL (bool, False on padding) reaches the Switch FFN, where padding takes no capacity.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, causal: bool, cross_attention: bool,
-               moe: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, cross_attention: bool,
+               moe: MoeConfig | None, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     attn = lambda: Attention(cfg.d_model, cfg.num_heads, cfg.d_kv, init_scale=cfg.init_scale,
                              dropout_rate=cfg.dropout_rate, dtype=dtype, rngs=rngs)
@@ -56,26 +47,14 @@ class Block(nnx.Module):
     self.cross_attn_norm = norm() if cross_attention else None
     self.cross_attn = attn() if cross_attention else None
     self.ffn_norm = norm()
-    if moe:
-      m = cfg.moe
-      self.ffn = MoeLayer(cfg.d_model, cfg.d_ff, num_experts=m.num_experts,
-                          group_size=m.group_size, capacity_factor=m.capacity_factor,
-                          eval_capacity_factor=m.eval_capacity_factor,
-                          min_capacity=m.min_capacity, load_balance_loss=m.load_balance_loss,
-                          router_z_loss=m.router_z_loss, jitter=m.jitter,
-                          activation=cfg.ffn_activation, init_scale=cfg.init_scale,
-                          expert_dropout=m.expert_dropout, dtype=dtype,
-                          router_dtype=jnp.dtype(m.router_dtype),
-                          importance_loss=m.importance_loss,
-                          router_input_dropout=m.router_input_dropout, dispatch=m.dispatch,
-                          options=routing_options(m, causal=causal),
-                          num_shared_experts=m.num_shared_experts,
-                          expert_bias=m.bias_update_rate > 0, rngs=rngs)
+    if moe is not None:
+      self.ffn = MoeLayer(cfg.d_model, cfg.d_ff, moe, activation=cfg.ffn_activation,
+                          init_scale=cfg.init_scale, dtype=dtype, rngs=rngs)
     else:
       self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.ffn_activation,
                              init_scale=cfg.init_scale, dropout_rate=cfg.dropout_rate,
                              dtype=dtype, rngs=rngs)
-    self.is_moe, self.dropout_rate = moe, cfg.dropout_rate
+    self.is_moe, self.dropout_rate = moe is not None, cfg.dropout_rate
 
   def __call__(self, x_BxLxD, *, valid_BxL, self_mask, self_bias, encoded=None,
                cross_mask=None, deterministic: bool, rngs: nnx.Rngs | None):
@@ -100,13 +79,15 @@ class Stack(nnx.Module):
   """Encoder (bidirectional) or decoder (causal, optionally cross-attending) layer stack."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, num_layers: int, *, causal: bool,
-               cross_attention: bool, rngs: nnx.Rngs):
+               cross_attention: bool, expert_parallel: str, rngs: nnx.Rngs):
     self.rel_bias = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         bidirectional=not causal, init_scale=cfg.init_scale, rngs=rngs)
+    moe = (MoeConfig.from_config(cfg.moe, causal=causal, expert_parallel=expert_parallel)
+           if cfg.moe.every > 0 else None)
     self.layers = nnx.List([
-        Block(cfg, causal=causal, cross_attention=cross_attention,
-              moe=is_moe_layer(i, cfg.moe.every),
+        Block(cfg, cross_attention=cross_attention,
+              moe=moe if is_moe_layer(i, cfg.moe.every) else None,
               rngs=rngs) for i in range(num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, dtype=jnp.dtype(cfg.dtype))
     self.dropout_rate = cfg.dropout_rate
@@ -185,19 +166,23 @@ class LanguageModel(nnx.Module):
   contiguous positions inside a segment (see `Stack`). ``decoder_causal_attention`` int32
   [B, Lt] (decoder-only prefix LM): 1 on the positions whose decoder input is the start token
   or a prefix token; these attend to each other bidirectionally, all else is causal.
+
+  ``expert_parallel`` is config ``mesh.expert_parallel`` (see `switchmoe.moe`); it only
+  matters on a mesh with an ``expert`` axis, and the default suits every other use.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if cfg.arch not in ('encoder_decoder', 'decoder'):
-      raise ValueError(f'model.arch={cfg.arch!r}: expected "encoder_decoder" or "decoder"')
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               expert_parallel: str = 'gspmd'):
     dtype = jnp.dtype(cfg.dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_scale=cfg.init_scale, dtype=dtype,
                        rngs=rngs)
-    self.encoder = (Stack(cfg, cfg.num_layers, causal=False, cross_attention=False, rngs=rngs)
+    self.encoder = (Stack(cfg, cfg.num_layers, causal=False, cross_attention=False,
+                          expert_parallel=expert_parallel, rngs=rngs)
                     if cfg.arch == 'encoder_decoder' else None)
     num_decoder = cfg.num_decoder_layers if cfg.num_decoder_layers > 0 else cfg.num_layers
     self.decoder = Stack(cfg, num_decoder, causal=True,
-                         cross_attention=cfg.arch == 'encoder_decoder', rngs=rngs)
+                         cross_attention=cfg.arch == 'encoder_decoder',
+                         expert_parallel=expert_parallel, rngs=rngs)
     self.logits_kernel = (None if cfg.tie_embeddings else init_param(
         rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.init_scale))
     self.dtype, self.d_model = dtype, cfg.d_model
@@ -234,21 +219,22 @@ class LanguageModel(nnx.Module):
     logits = constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
     return logits, {**aux, **decoder_aux}
 
-  def balance_experts(self, aux: dict, rate: float | jax.Array) -> None:
+  def balance_experts(self, aux: dict[str, MoeStats], rate: float | jax.Array) -> None:
     """Aux-loss-free balancing, once per training step: every Switch layer's expert bias takes
     a step of ``rate`` toward an even load of the selections in its ``aux`` stats."""
     for name, stack in (('encoder', self.encoder), ('decoder', self.decoder)):
       for key, layer in stack.switch_layers(name) if stack is not None else ():
-        layer.balance(aux[key], rate)
+        layer.balance(aux[key].selected_fraction_E, rate)
 
 
 def loss_and_metrics(model: LanguageModel, batch: Batch, *, deterministic: bool,
-                     rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
+                     rngs: nnx.Rngs | None = None
+                     ) -> tuple[jax.Array, dict, dict[str, MoeStats]]:
   """Total loss = token-mean cross-entropy + sum over Switch layers of their aux losses.
 
-  Returns (loss, metrics): ``ce``, ``accuracy``, ``load_balance``, ``importance``,
-  ``z_loss``, ``loss``,
-  ``dropped_fraction`` (mean over Switch layers) and ``moe`` (per-layer stats).
+  Returns (loss, metrics, aux): metrics ``loss``, ``ce``, ``accuracy``, ``load_balance``,
+  ``importance``, ``z_loss``, ``dropped_fraction`` (mean over Switch layers) and ``moe``
+  (per-layer `MoeStats.as_dict`, for logging); aux is the model's (layer name -> `MoeStats`).
   """
   logits_BxLxV, aux = model(batch, deterministic=deterministic, rngs=rngs)
   targets = batch['decoder_target_tokens']
@@ -260,8 +246,10 @@ def loss_and_metrics(model: LanguageModel, batch: Batch, *, deterministic: bool,
   accuracy = jnp.sum((jnp.argmax(logits_BxLxV, -1) == targets) * weights) / denom
   stats = list(aux.values())
   zero = jnp.zeros((), jnp.float32)
-  losses = {name: sum((st[name] for st in stats), zero) for name in AUX_LOSSES}
+  losses = {name: sum((st.losses[name] for st in stats), zero) for name in AUX_LOSSES}
   loss = ce + sum(losses.values())
-  dropped = (sum(st['dropped_fraction'] for st in stats) / len(stats)) if stats else zero
+  dropped = (sum(st.diagnostics['dropped_fraction'] for st in stats) / len(stats)
+             if stats else zero)
   return loss, {'loss': loss, 'ce': ce, 'accuracy': accuracy, **losses,
-                'dropped_fraction': dropped, 'moe': aux}
+                'dropped_fraction': dropped,
+                'moe': {name: st.as_dict() for name, st in aux.items()}}, aux

@@ -37,6 +37,7 @@ from switchmoe.layers import draw_key, init_param
 
 ROUTERS = ('switch', 'topk', 'experts_choose')
 EXPLORATION = ('argmax', 'sample_softmax', 'input_dropout', 'input_jitter')
+SECOND_POLICIES = ('all', 'random')
 # Each source of routing randomness has its own stream; the training loop passes all of them.
 RNG_STREAMS = ('jitter', 'router_dropout', 'router_sample', 'second_expert')
 
@@ -61,16 +62,26 @@ class Routing:
 
 @dataclasses.dataclass(frozen=True)
 class RoutingOptions:
-  """Static routing choices (see `switchmoe.config` ``model.moe``)."""
-  router: str = 'switch'
-  num_selected: int = 2              # k, for ``topk``
-  renormalize_gates: bool = True     # ``topk``: gates of the k choices sum to 1
-  second_policy: str = 'all'         # ``topk``: 'all' or 'random' (Mesh TF)
-  second_threshold: float = 0.2      # ``random``: keep 2nd choice w.p. min(1, g2 / threshold)
-  capacity_scales_with_k: bool = False
-  batch_prioritized: bool = False
-  ntlb_rounds: int = 0               # ``switch``: re-routing rounds for overflowing tokens
-  exploration: str = 'argmax'
+  """Static routing choices, the ``model.moe`` fields of the same names (defaults and
+  meanings: `switchmoe.config`); built by `from_config`."""
+  router: str
+  num_selected: int             # k, for ``topk``
+  renormalize_gates: bool       # ``topk``: gates of the k choices sum to 1
+  second_policy: str            # ``topk``: one of SECOND_POLICIES
+  second_threshold: float       # ``random``: keep 2nd choice w.p. min(1, g2 / threshold)
+  capacity_scales_with_k: bool
+  batch_prioritized: bool
+  ntlb_rounds: int              # ``switch``: re-routing rounds for overflowing tokens
+  exploration: str
+
+  @classmethod
+  def from_config(cls, moe, *, causal: bool) -> RoutingOptions:
+    """From a validated ``model.moe`` section, for an encoder (``causal`` False) or decoder
+    stack. Batch-prioritized routing is for encoders only: in a causal stack it would let
+    later tokens take capacity from earlier ones."""
+    fields = {f.name: moe[f.name] for f in dataclasses.fields(cls)}
+    fields['batch_prioritized'] = moe.batch_prioritized and not causal
+    return cls(**fields)
 
 
 def expert_capacity(group_size: int, num_experts: int, capacity_factor: float,

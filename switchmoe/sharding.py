@@ -41,12 +41,13 @@ DEFAULT_RULES: Rules = (
     ('length', ()),
 )
 
+# How MoE layers reach experts on an ``expert`` mesh axis (config ``mesh.expert_parallel``):
+# sharding constraints (the compiler inserts the all-to-all) or an explicit
+# `jax.lax.all_to_all` inside `jax.shard_map` (`switchmoe.moe.all_to_all_experts`).
 EXPERT_PARALLEL = ('gspmd', 'shard_map')
 
 _RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar('switchmoe_rules',
                                                               default=DEFAULT_RULES)
-_EXPERT_PARALLEL: contextvars.ContextVar[str] = contextvars.ContextVar(
-    'switchmoe_expert_parallel', default='gspmd')
 
 
 def merge_rules(overrides: Sequence[Sequence]) -> Rules:
@@ -65,31 +66,21 @@ def merge_rules(overrides: Sequence[Sequence]) -> Rules:
 
 
 @contextlib.contextmanager
-def use_rules(rules: Rules, expert_parallel: str = 'gspmd') -> Iterator[None]:
-  """Makes ``rules`` the table used by `logical_to_spec` and `constrain` while tracing.
-
-  ``expert_parallel`` picks how MoE layers move tokens to experts on an ``expert`` mesh axis:
-  ``gspmd`` (sharding constraints; the compiler inserts the all-to-all) or ``shard_map``
-  (an explicit `jax.lax.all_to_all` inside `jax.shard_map`).
-  """
-  if expert_parallel not in EXPERT_PARALLEL:
-    raise ValueError(f'mesh.expert_parallel={expert_parallel!r}: expected one of '
-                     f'{EXPERT_PARALLEL}')
-  tokens = _RULES.set(tuple(rules)), _EXPERT_PARALLEL.set(expert_parallel)
+def use_rules(rules: Rules) -> Iterator[None]:
+  """Makes ``rules`` the table used by `logical_to_spec` and `constrain` while tracing."""
+  token = _RULES.set(tuple(rules))
   try:
     yield
   finally:
-    _RULES.reset(tokens[0])
-    _EXPERT_PARALLEL.reset(tokens[1])
+    _RULES.reset(token)
 
 
-def manual_expert_axis() -> int:
-  """Size of the ``expert`` mesh axis when MoE layers should use shard_map, else 0."""
+def mesh_axis_size(name: str) -> int:
+  """Devices on mesh axis ``name`` of the current mesh (`jax.set_mesh`); 1 without one."""
   mesh = jax.sharding.get_abstract_mesh()
-  if _EXPERT_PARALLEL.get() != 'shard_map' or mesh.empty or 'expert' not in mesh.axis_names:
-    return 0
-  size = mesh.shape['expert']
-  return size if size > 1 else 0
+  if mesh.empty or name not in mesh.axis_names:
+    return 1
+  return mesh.shape[name]
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], mesh_axis_names: Sequence[str],

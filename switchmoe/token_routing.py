@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from switchmoe import checkpoint as checkpoint_lib
+from switchmoe import config as config_lib
 from switchmoe import train
 from switchmoe.main import apply_overrides
 from switchmoe.tokenizer import make_tokenizer
@@ -48,6 +49,7 @@ def load_model(path: str, overrides: Sequence[str] = ()) -> tuple[train.Setup, A
   field."""
   config = checkpoint_lib.find_config(path)
   apply_overrides(config, list(overrides))
+  config_lib.validate(config)
   s = train.make_setup(config)
   with train.mesh_context(s):
     params, _ = checkpoint_lib.load_params(path, s.abstract_state['params'])

@@ -80,7 +80,8 @@ def split_trainable(graphdef: nnx.GraphDef, variables: dict) -> tuple[dict, dict
 def init_state(key: jax.Array, *, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, param_shardings) -> State:
   """A fresh train state: the model initialised from ``key``, optimizer state, counters."""
-  model = LanguageModel(config.model, rngs=nnx.Rngs(params=key))
+  model = LanguageModel(config.model, rngs=nnx.Rngs(params=key),
+                        expert_parallel=config.mesh.expert_parallel)
   variables = jax.lax.with_sharding_constraint(nnx.to_pure_dict(nnx.state(model)),
                                                param_shardings)
   zero = jnp.zeros((), jnp.int32)
@@ -102,10 +103,11 @@ def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collecti
     # Rngs are stateful: build them inside the differentiated function's trace.
     rngs = nnx.Rngs(**{name: jax.random.fold_in(step_key, i)
                        for i, name in enumerate(('dropout',) + routing.RNG_STREAMS)})
-    return loss_and_metrics(nnx.merge(graphdef, params, fixed), batch, deterministic=False,
-                            rngs=rngs)
+    loss, metrics, aux = loss_and_metrics(nnx.merge(graphdef, params, fixed), batch,
+                                          deterministic=False, rngs=rngs)
+    return loss, (metrics, aux)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   grad_norm = optax.tree.norm(grads)
   grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip)
   updates, opt_state = tx.update(grads, state['opt_state'], trainable)
@@ -120,7 +122,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collecti
   model = nnx.merge(graphdef, params, fixed)
   rate = config.model.moe.bias_update_rate
   if rate:  # a skipped step leaves the biases as they were, like the weights
-    model.balance_experts(metrics['moe'], jnp.where(finite, rate, 0.0))
+    model.balance_experts(aux, jnp.where(finite, rate, 0.0))
   step = state['step'] + 1
   skipped = state['skipped_steps'] + (~finite).astype(jnp.int32)
   lr_schedule = schedule(config.optim, config.train.num_steps)
@@ -136,7 +138,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collecti
 def eval_step(params: dict, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> dict:
   """Deterministic forward pass; sums over target tokens, so that averages over several
   batches are exact."""
-  _, m = loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=True)
+  _, m, _ = loss_and_metrics(nnx.merge(graphdef, params), batch, deterministic=True)
   weight = jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32))
   return {'ce_sum': m['ce'] * weight, 'correct': m['accuracy'] * weight, 'weight': weight,
           'dropped_fraction': m['dropped_fraction']}
@@ -144,8 +146,8 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *, graphdef: nnx.GraphD
 
 def make_setup(config: ml_collections.ConfigDict,
                devices: list[jax.Device] | None = None) -> Setup:
-  """Validates ``config`` and builds the run's sharded functions (compiling only the init)."""
-  config_lib.validate(config)
+  """The run's sharded functions for a validated ``config`` (`config.validate`; `train`
+  validates), compiling only the init."""
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
   rules = sharding.merge_rules(config.mesh.rules)
   n = batch_devices(mesh, rules)
@@ -159,12 +161,13 @@ def make_setup(config: ml_collections.ConfigDict,
                      'divide one another')
   tx = make_optimizer(config.optim, config.train.num_steps)
   graphdef, abstract_params = nnx.split(
-      nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
+      nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0),
+                                           expert_parallel=config.mesh.expert_parallel)))
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
   check_fits(config, abstract_params, param_shardings)
   init = functools.partial(init_state, config=config, graphdef=graphdef, tx=tx,
                            param_shardings=param_shardings)
-  with jax.set_mesh(mesh), sharding.use_rules(rules, config.mesh.expert_parallel):
+  with jax.set_mesh(mesh), sharding.use_rules(rules):
     # Compiled once: the optimizer state's shardings are whatever GSPMD chose for it.
     compiled_init = jax.jit(init).lower(jax.random.key(0)).compile()
   state_shardings = compiled_init.output_shardings
@@ -219,7 +222,7 @@ def check_fits(config: ml_collections.ConfigDict, abstract_params, shardings) ->
 @contextlib.contextmanager
 def mesh_context(s: Setup):
   """The mesh and sharding rules to run ``s``'s functions and restore checkpoints under."""
-  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules, s.config.mesh.expert_parallel):
+  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
     yield
 
 

@@ -47,3 +47,17 @@ def random_batch(c, seed=0):
     inputs[:, li - 5:] = 0
     batch['encoder_input_tokens'] = inputs
   return batch
+
+
+def moe_config(*, causal=False, expert_parallel='gspmd', **fields):
+  """A `MoeConfig` from default_config()'s model.moe with ``fields`` (model.moe names, e.g.
+  router='topk', num_selected=2) changed."""
+  from switchmoe.moe import MoeConfig
+  moe = default_config().model.moe
+  moe.update(fields)
+  return MoeConfig.from_config(moe, causal=causal, expert_parallel=expert_parallel)
+
+
+def routing_options(**fields):
+  """The `RoutingOptions` of `moe_config` (an encoder stack's)."""
+  return moe_config(**fields).routing

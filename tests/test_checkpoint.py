@@ -21,7 +21,7 @@ from tests.train_helpers import (assert_same_metrics, checkpoint_steps, cli_args
 # were killed between writing the step's files and committing them.
 STALLED_SAVE = '''
 import asyncio, os, sys
-from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint.path import atomicity
 finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def stalled(self):
   if self._final_path.name == '20':

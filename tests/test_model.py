@@ -21,8 +21,9 @@ def loss_grads(c, batch):
   params = nnx.to_pure_dict(params)
 
   def f(p):
-    return loss_and_metrics(nnx.merge(graphdef, p), batch, deterministic=False,
-                            rngs=nnx.Rngs(dropout=0, jitter=1))
+    loss, metrics, _ = loss_and_metrics(nnx.merge(graphdef, p), batch, deterministic=False,
+                                        rngs=nnx.Rngs(dropout=0, jitter=1))
+    return loss, metrics
 
   return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
@@ -97,10 +98,10 @@ def test_padding_contents_change_no_real_token(arch):
   other_logits, other_aux = model(other, deterministic=True)
   real = batch['decoder_target_tokens'] > 0
   np.testing.assert_allclose(other_logits[real], logits[real], rtol=1e-6, atol=1e-6)
-  assert any(float(stats['dropped_fraction']) > 0 for stats in aux.values())
+  assert any(float(stats.diagnostics['dropped_fraction']) > 0 for stats in aux.values())
   for name, stats in aux.items():
-    for key, value in stats.items():
-      np.testing.assert_allclose(other_aux[name][key], value, rtol=1e-6, atol=1e-7,
+    for key, value in stats.as_dict().items():
+      np.testing.assert_allclose(other_aux[name].as_dict()[key], value, rtol=1e-6, atol=1e-7,
                                  err_msg=f'{name} {key}')
 
 

@@ -19,8 +19,7 @@ import pytest
 from flax import nnx
 
 from switchmoe.moe import MoeLayer
-from switchmoe.routing import RoutingOptions
-from tests.helpers import pad_row_0
+from tests.helpers import moe_config, pad_row_0
 
 D, F = 4, 8           # d_model, d_ff
 B, L = 2, 8           # 16 tokens per batch
@@ -133,13 +132,15 @@ def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacit
   one mode that reads it.
   """
   eval_cf = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
-  layer = nnx.eval_shape(lambda: MoeLayer(
-      D, F, num_experts=num_experts, group_size=group_size, capacity_factor=capacity_factor,
-      eval_capacity_factor=eval_cf, min_capacity=min_capacity, load_balance_loss=alpha,
-      router_z_loss=beta, importance_loss=gamma, jitter=jitter, activation=activation, init_scale=1.0,
-      expert_dropout=0.0, dtype=jnp.float32, num_shared_experts=num_shared_experts,
-      expert_bias=expert_bias, rngs=nnx.Rngs(0),
-      options=RoutingOptions(exploration='input_jitter' if jitter else 'argmax')))
+  cfg = moe_config(num_experts=num_experts, group_size=group_size,
+                   capacity_factor=capacity_factor, eval_capacity_factor=eval_cf,
+                   min_capacity=min_capacity, load_balance_loss=alpha, router_z_loss=beta,
+                   importance_loss=gamma, jitter=jitter, expert_dropout=0.0,
+                   num_shared_experts=num_shared_experts,
+                   bias_update_rate=1e-3 if expert_bias else 0.0,
+                   exploration='input_jitter' if jitter else 'argmax')
+  layer = nnx.eval_shape(lambda: MoeLayer(D, F, cfg, activation=activation, init_scale=1.0,
+                                          dtype=jnp.float32, rngs=nnx.Rngs(0)))
   rs = np.random.RandomState(seed)
   for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
     std = router_std if path[0] == 'router' else 1.0 / math.sqrt(var.shape[-2])
@@ -151,7 +152,9 @@ def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacit
 
 @nnx.jit(static_argnames='deterministic')
 def call(layer, x, deterministic=True, rngs=None, valid=None):
-  return layer(x, deterministic=deterministic, rngs=rngs, valid_BxL=valid)
+  """(y, the call's `MoeStats` as one dict)."""
+  y, stats = layer(x, deterministic=deterministic, rngs=rngs, valid_BxL=valid)
+  return y, stats.as_dict()
 
 
 def weights(layer):

@@ -88,7 +88,7 @@ def model_config(arch, kind):
 def forward(model, batch):
   logits, aux = model(batch, deterministic=True)
   for name, stats in aux.items():  # packing may move tokens between groups, never drop them
-    assert float(stats['dropped_fraction']) == 0.0, name
+    assert float(stats.diagnostics['dropped_fraction']) == 0.0, name
   return np.asarray(logits)
 
 
@@ -198,7 +198,7 @@ def test_index_bias_equals_position_bias_inside_segments(bidirectional):
 def test_packed_loss_is_token_weighted_mean_of_standalone_losses(arch):
   model = LanguageModel(tiny_config(arch, every=0).model, rngs=nnx.Rngs(0))
   packed, alone = examples(arch)
-  loss, metrics = loss_and_metrics(model, packed, deterministic=True)
+  loss, metrics, _ = loss_and_metrics(model, packed, deterministic=True)
   standalone = [float(loss_and_metrics(model, a, deterministic=True)[1]['ce']) for a in alone]
   want = np.dot(standalone, TARGETS) / sum(TARGETS)
   np.testing.assert_allclose(float(metrics['ce']), want, rtol=1e-5)

@@ -13,6 +13,7 @@ from flax import nnx
 from hypothesis import strategies as st
 
 from switchmoe import routing
+from tests.helpers import routing_options
 
 # --------------------------------------------------------------------------------------------
 # expert_capacity
@@ -277,7 +278,7 @@ def test_bias_updates_balance_an_imbalanced_router_without_touching_gates(router
   probs = _imbalanced_probs()
   logits = jnp.log(probs)
   g, s, e = probs.shape
-  options = routing.RoutingOptions(router=router, num_selected=2)
+  options = routing_options(router=router, num_selected=2)
   k = 2 if router == 'topk' else 1
   capacity = s * k  # nothing dropped: the kept load is the selected load
 
@@ -309,7 +310,7 @@ def test_bias_updates_balance_an_imbalanced_router_without_touching_gates(router
 @pytest.mark.parametrize('router, ntlb', [('switch', 0), ('switch', 1), ('topk', 0)])
 def test_zero_bias_routes_exactly_as_no_bias(router, ntlb):
   probs = _imbalanced_probs(1)
-  options = routing.RoutingOptions(router=router, ntlb_rounds=ntlb)
+  options = routing_options(router=router, ntlb_rounds=ntlb)
   route = lambda bias: routing.route(jnp.log(probs), probs, 16, options, deterministic=True,
                                      rngs=None, bias_E=bias)
   jax.tree.map(np.testing.assert_array_equal, route(None), route(jnp.zeros((4,), jnp.float32)))

@@ -60,7 +60,7 @@ def test_every_parameter_has_logical_axes():
 
 def _loss_and_grads(c, devices, batch):
   s = train.make_setup(c, devices)
-  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules, c.mesh.expert_parallel):
+  with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
     state = s.init(jax.random.key(0))
 
     @jax.jit

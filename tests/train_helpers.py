@@ -10,7 +10,7 @@ import time
 
 import jax
 import pytest
-from jax._src import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache
 
 from switchmoe import metrics as metrics_lib
 from tests.helpers import tiny_config
