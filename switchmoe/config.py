@@ -50,6 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.capacity_factor = 1.25
   e.eval_capacity_factor = 2.0
   e.min_capacity = 4
+  e.expert_capacity = 0        # > 0: this many slots per expert per group in training and
+                               # evaluation (HF checkpoints' expert_capacity); 0: from the factors
   e.load_balance_loss = 0.01   # alpha
   e.router_z_loss = 0.001
   e.jitter = 0.0               # epsilon of exploration='input_jitter' (SW App. C: 0.01)
@@ -346,6 +348,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive('model.moe.eval_capacity_factor', e.eval_capacity_factor)
     if e.min_capacity < 0:
       raise ValueError(f'model.moe.min_capacity={e.min_capacity}: must be >= 0')
+    _at_least('model.moe.expert_capacity', e.expert_capacity, 0)
+    if e.expert_capacity and e.dispatch == 'dropless':
+      raise ValueError(f'model.moe.expert_capacity={e.expert_capacity}: no effect with '
+                       'dispatch="dropless", which has no capacity; allowed: 0')
     if not 0.0 <= e.jitter < 1.0:
       raise ValueError(f'model.moe.jitter={e.jitter}: must be in [0, 1)')
     for name in ('load_balance_loss', 'router_z_loss', 'importance_loss'):

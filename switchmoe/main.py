@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import datetime
-import functools
 import importlib.util
 import logging as std_logging
 import os
@@ -97,16 +96,12 @@ def apply_overrides(config, args: list[str]) -> None:
     message = unknown_override([arg])
     if message:
       raise ValueError(message)
-    *parents, leaf = match.group(1).split('.')
-    node = functools.reduce(lambda c, key: c[key], parents, config)
     try:
       value = ast.literal_eval(match.group(2))
     except (ValueError, SyntaxError):
       value = match.group(2)
-    if isinstance(node[leaf], float) and isinstance(value, int):
-      value = float(value)
-    try:
-      node[leaf] = value
+    try:  # ml_collections walks the dotted path and keeps each field's type (int -> float)
+      config.update_from_flattened_dict({match.group(1): value})
     except TypeError as e:
       raise ValueError(f'{match.group(1)}={value!r}: {e}') from None
 

@@ -43,6 +43,7 @@ class MoeConfig:
   capacity_factor: float
   eval_capacity_factor: float
   min_capacity: int
+  expert_capacity: int
   load_balance_loss: float
   importance_loss: float
   router_z_loss: float
@@ -213,11 +214,13 @@ class MoeLayer(nnx.Module):
     self.sow_routing = False
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
-    """Slots per expert per group of ``group_size`` tokens; with ``dropless`` enough for every
-    choice."""
+    """Slots per expert per group of ``group_size`` tokens: ``expert_capacity`` if set, with
+    ``dropless`` enough for every choice, else from the capacity factors."""
     c, o = self.cfg, self.cfg.routing
     if c.dispatch == 'dropless':
       return group_size * (o.num_selected if o.router == 'topk' else 1)
+    if c.expert_capacity:
+      return c.expert_capacity
     cf = c.eval_capacity_factor if deterministic else c.capacity_factor
     scale = o.num_selected if o.router == 'topk' and o.capacity_scales_with_k else 1
     return routing.expert_capacity(group_size * scale, c.num_experts, cf, c.min_capacity)

@@ -1,6 +1,7 @@
 """Small configs and synthetic batches shared by the tests."""
 
 import numpy as np
+from flax import nnx
 
 from switchmoe.config import default_config
 
@@ -61,3 +62,31 @@ def moe_config(*, causal=False, expert_parallel='gspmd', **fields):
 def routing_options(**fields):
   """The `RoutingOptions` of `moe_config` (an encoder stack's)."""
   return moe_config(**fields).routing
+
+
+# --------------------------------------------------------------------------------------------
+# MoE layer helpers shared by test_moe.py and test_dispatch.py ([B, L, D] = [2, 8, 4] there).
+
+
+def random_x(seed, shape=(2, 8, 4)):
+  """A float32 N(0, 1) batch of the MoE layer tests' [B, L, D] shape."""
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+def weights(layer):
+  """A MoeLayer's router and routed-expert weights as NumPy arrays (wi_gate None unless
+  GEGLU): the ``w`` of tests/moe_reference.py."""
+  gate = layer.experts.wi_gate
+  return {
+      'router': np.asarray(layer.router.kernel[...]),
+      'wi': np.asarray(layer.experts.wi[...]),
+      'wo': np.asarray(layer.experts.wo[...]),
+      'wi_gate': None if gate is None else np.asarray(gate[...]),
+  }
+
+
+@nnx.jit(static_argnames='deterministic')
+def call(layer, x, deterministic=True, rngs=None, valid=None):
+  """A MoeLayer call under nnx.jit: (y, the call's `MoeStats` as one dict)."""
+  y, stats = layer(x, deterministic=deterministic, rngs=rngs, valid_BxL=valid)
+  return y, stats.as_dict()

@@ -94,6 +94,10 @@ BAD = [
                                                    r"must be >= 0$"),
     (setter('model.moe.importance_loss', -1.0), r"^model\.moe\.importance_loss=-1\.0: must be "
                                                 r">= 0$"),
+    (setter('model.moe.expert_capacity', -1), r"^model\.moe\.expert_capacity=-1: must be >= 0$"),
+    (lambda c: (setter('model.moe.expert_capacity', 4)(c),
+                setter('model.moe.dispatch', 'dropless')(c)),
+     r'^model\.moe\.expert_capacity=4: no effect with dispatch="dropless"'),
     # combinations owned by the router options
     (lambda c: (decoder(c), setter('model.moe.batch_prioritized', True)(c)),
      r"^model\.moe\.batch_prioritized=True: .*decoder"),

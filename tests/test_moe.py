@@ -1,11 +1,8 @@
 """Switch MoE layer against an independent NumPy float64 reference (SW §2), plus invariances.
 
-The reference below is written from the Switch Transformer definition as a per-token loop and
-calls no library code: each group of S consecutive tokens (row-major over [B, L]) routes token
-by token, in sequence order, to its argmax expert; a token whose expert already holds
-``capacity`` tokens of this group is dropped (output 0), otherwise its output is
-p_i(x) * FFN_i(x). Padding is skipped: it takes no slot, gets output 0 and is left out of
-every statistic, which are means over the real tokens.
+The reference, `ref_switch_layer` in tests/moe_reference.py, is written from the Switch
+Transformer definition as a per-token loop and calls no library code; that module's docstring
+describes it (groups, capacity, drops, padding and the statistics).
 """
 
 from __future__ import annotations
@@ -19,103 +16,11 @@ import pytest
 from flax import nnx
 
 from switchmoe.moe import MoeLayer
-from tests.helpers import moe_config, pad_row_0
+from tests.helpers import call, moe_config, pad_row_0, random_x, weights
+from tests.moe_reference import ref_ffn, ref_switch_layer
 
 D, F = 4, 8           # d_model, d_ff
 B, L = 2, 8           # 16 tokens per batch
-
-
-# --------------------------------------------------------------------------------------------
-# Reference.
-
-
-def _gelu_tanh(x):
-  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-def _ffn(x_D, wi_DxF, wo_FxD, wi_gate_DxF, activation):
-  h = x_D @ wi_DxF
-  if activation == 'geglu':
-    h = _gelu_tanh(x_D @ wi_gate_DxF) * h
-  else:
-    h = np.maximum(h, 0.0)
-  return h @ wo_FxD
-
-
-def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activation,
-              alpha=0.0, beta=0.0, gamma=0.0, router_x_BxLxD=None, valid_BxL=None):
-  """Float64 Switch layer. ``w``: dict of router [D,E], wi [E,D,F], wo [E,F,D], wi_gate.
-
-  ``router_x_BxLxD`` (optional) is the router's input when it differs from the experts' input
-  (router jitter). ``valid_BxL`` (optional, bool) is False on padding; a group without real
-  tokens adds no load-balance or importance term. Returns (y_BxLxD, stats, details).
-  """
-  x = np.asarray(x_BxLxD, np.float64)
-  b, l, d = x.shape
-  xs = x.reshape(-1, d)
-  rx = xs if router_x_BxLxD is None else np.asarray(router_x_BxLxD, np.float64).reshape(-1, d)
-  wr = np.asarray(w['router'], np.float64)
-  wi = np.asarray(w['wi'], np.float64)
-  wo = np.asarray(w['wo'], np.float64)
-  wg = None if w.get('wi_gate') is None else np.asarray(w['wi_gate'], np.float64)
-  e = wr.shape[1]
-  n = xs.shape[0]
-  s = min(group_size, n)
-  assert n % s == 0
-  g = n // s
-  capacity = max(min_capacity, math.floor(s * capacity_factor / e))
-  valid = np.ones(n, bool) if valid_BxL is None else np.asarray(valid_BxL).reshape(n)
-
-  y = np.zeros_like(xs)
-  kept = np.zeros(n, bool)
-  top = -np.ones(n, int)              # -1 on padding
-  margin = np.inf                     # smallest top-1 / top-2 logit gap (tie sanity check)
-  lse_sq, top_p, entropy = [], [], []
-  balance, importance = [], []
-  for gi in range(g):
-    count = np.zeros(e, int)
-    f_sum, p_sum = np.zeros(e), np.zeros(e)
-    real = 0
-    for t in range(s):
-      j = gi * s + t
-      if not valid[j]:
-        continue
-      real += 1
-      logits = rx[j] @ wr
-      m = logits.max()
-      p = np.exp(logits - m)
-      p /= p.sum()
-      i = int(np.argmax(p))
-      top[j] = i
-      if e > 1:
-        margin = min(margin, np.sort(logits)[-1] - np.sort(logits)[-2])
-      lse_sq.append((m + np.log(np.sum(np.exp(logits - m)))) ** 2)
-      top_p.append(p[i])
-      entropy.append(-np.sum(p * np.log(p)))
-      f_sum[i] += 1
-      p_sum += p
-      if count[i] < capacity:
-        y[j] = p[i] * _ffn(xs[j], wi[i], wo[i], None if wg is None else wg[i], activation)
-        count[i] += 1
-        kept[j] = True
-      # else: dropped, y[j] stays 0 (the residual carries the token).
-    if real:
-      balance.append(e * np.sum((f_sum / real) * (p_sum / real)))
-      importance.append(np.var(p_sum) / np.mean(p_sum) ** 2)
-  load = np.bincount(top[kept], minlength=e)
-  stats = {
-      'load_balance': alpha * np.mean(balance),
-      'importance': gamma * np.mean(importance),
-      'z_loss': beta * np.mean(lse_sq),
-      'dropped_fraction': 1.0 - kept[valid].mean(),
-      'expert_fraction_E': np.bincount(top[valid], minlength=e) / valid.sum(),
-      'confidence': np.mean(top_p),
-      'entropy': np.mean(entropy),
-      'load_cv': np.std(load) / np.mean(load),
-  }
-  details = dict(capacity=capacity, kept=kept.reshape(b, l), top=top.reshape(b, l),
-                 margin=margin, groups=g, group_size=s)
-  return y.reshape(b, l, d), stats, details
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +29,8 @@ def reference(x_BxLxD, w, *, group_size, capacity_factor, min_capacity, activati
 
 def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacity_factor=None,
                min_capacity=1, alpha=0.0, beta=0.0, gamma=0.0, jitter=0.0, activation='relu',
-               seed=0, router_std=1.0, num_shared_experts=0, expert_bias=False):
+               seed=0, router_std=1.0, num_shared_experts=0, expert_bias=False,
+               expert_capacity=0):
   """A float32 MoeLayer with NumPy-drawn weights (built abstractly: no init compilation).
 
   Router kernel ~ N(0, router_std^2); expert and shared-expert matrices ~ N(0, 1 / fan_in);
@@ -134,7 +40,8 @@ def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacit
   eval_cf = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
   cfg = moe_config(num_experts=num_experts, group_size=group_size,
                    capacity_factor=capacity_factor, eval_capacity_factor=eval_cf,
-                   min_capacity=min_capacity, load_balance_loss=alpha, router_z_loss=beta,
+                   min_capacity=min_capacity, expert_capacity=expert_capacity,
+                   load_balance_loss=alpha, router_z_loss=beta,
                    importance_loss=gamma, jitter=jitter, expert_dropout=0.0,
                    num_shared_experts=num_shared_experts,
                    bias_update_rate=1e-3 if expert_bias else 0.0,
@@ -148,27 +55,6 @@ def make_layer(*, num_experts=4, group_size=8, capacity_factor=1.0, eval_capacit
   if expert_bias:
     layer.router.expert_bias.set_value(jnp.zeros((num_experts,), jnp.float32))
   return layer
-
-
-@nnx.jit(static_argnames='deterministic')
-def call(layer, x, deterministic=True, rngs=None, valid=None):
-  """(y, the call's `MoeStats` as one dict)."""
-  y, stats = layer(x, deterministic=deterministic, rngs=rngs, valid_BxL=valid)
-  return y, stats.as_dict()
-
-
-def weights(layer):
-  gate = layer.experts.wi_gate
-  return {
-      'router': np.asarray(layer.router.kernel[...]),
-      'wi': np.asarray(layer.experts.wi[...]),
-      'wo': np.asarray(layer.experts.wo[...]),
-      'wi_gate': None if gate is None else np.asarray(gate[...]),
-  }
-
-
-def random_x(seed, shape=(B, L, D)):
-  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
 
 
 def assert_stats_close(stats, ref_stats, rtol=1e-5, atol=1e-6):
@@ -217,8 +103,9 @@ def test_matches_reference(case):
   layer, x = _grid_case(case)
   y, stats = call(layer, jnp.asarray(x))
   assert y.shape == x.shape and y.dtype == jnp.float32
-  y_ref, stats_ref, info = reference(x, weights(layer), group_size=gs, capacity_factor=cf,
-                                     min_capacity=mc, activation=act, alpha=alpha, beta=beta)
+  y_ref, stats_ref, info = ref_switch_layer(
+      x, weights(layer), group_size=gs, capacity_factor=cf, min_capacity=mc, activation=act,
+      alpha=alpha, beta=beta)
   assert info['capacity'] == capacity
   assert info['margin'] > 1e-3, 'near-tie in routing: pick another seed'
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-6)
@@ -234,8 +121,8 @@ def test_reference_grid_covers_drops_and_min_capacity():
   dropping, raised = 0, 0
   for i, (e, cf, gs, act, mc, capacity) in enumerate(_GRID):
     layer, x = _grid_case(i)
-    _, stats, _ = reference(x, weights(layer), group_size=gs, capacity_factor=cf,
-                            min_capacity=mc, activation=act)
+    _, stats, _ = ref_switch_layer(x, weights(layer), group_size=gs, capacity_factor=cf,
+                                   min_capacity=mc, activation=act)
     dropping += stats['dropped_fraction'] > 0
     raised += mc > math.floor(min(gs, B * L) * cf / e)
   assert dropping >= 8 and raised >= 4
@@ -249,8 +136,8 @@ def test_min_capacity_raises_capacity():
     layer = make_layer(num_experts=4, group_size=8, capacity_factor=0.5, min_capacity=mc,
                        seed=7)
     y, stats = call(layer, jnp.asarray(x), True, None)
-    _, _, info = reference(x, weights(layer), group_size=8, capacity_factor=0.5,
-                           min_capacity=mc, activation='relu')
+    _, _, info = ref_switch_layer(x, weights(layer), group_size=8, capacity_factor=0.5,
+                                  min_capacity=mc, activation='relu')
     assert info['capacity'] == mc
     out[mc] = (np.asarray(y), float(stats['dropped_fraction']), info['kept'])
   (y1, d1, k1), (y3, d3, k3) = out[1], out[3]
@@ -270,11 +157,11 @@ def test_group_size_must_divide_tokens():
 
 
 def _one_expert_layer(expert, *, num_experts=4, group_size=8, capacity_factor=1.0,
-                      eval_capacity_factor=None, min_capacity=1):
+                      eval_capacity_factor=None, min_capacity=1, expert_capacity=0):
   """Router sends every token with positive features to ``expert``; experts give nonzero y."""
   layer = make_layer(num_experts=num_experts, group_size=group_size,
                      capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                     min_capacity=min_capacity)
+                     min_capacity=min_capacity, expert_capacity=expert_capacity)
   kernel = np.zeros((D, num_experts), np.float32)
   kernel[:, expert] = 1.0
   layer.router.kernel[...] = jnp.asarray(kernel)
@@ -298,8 +185,9 @@ def test_all_tokens_same_expert_keeps_first_capacity(expert):
   y = np.asarray(y).reshape(-1, gs, D)           # [G, S, D]
   assert np.all(y[:, :capacity] > 0.0)           # the first `capacity` of each group are kept
   assert np.all(y[:, capacity:] == 0.0)          # the rest are exactly zero
-  y_ref, stats_ref, info = reference(x, weights(layer), group_size=gs, capacity_factor=1.0,
-                                     min_capacity=1, activation='relu')
+  y_ref, stats_ref, info = ref_switch_layer(x, weights(layer), group_size=gs,
+                                            capacity_factor=1.0, min_capacity=1,
+                                            activation='relu')
   assert info['capacity'] == capacity
   np.testing.assert_allclose(y, y_ref.reshape(-1, gs, D), rtol=1e-5, atol=1e-6)
   assert float(stats['dropped_fraction']) == pytest.approx(1.0 - capacity / gs)
@@ -326,9 +214,27 @@ def test_train_and_eval_capacity_factor(train_cf, eval_cf):
     np.testing.assert_array_equal(kept.sum(axis=1), capacity)
     assert np.all(kept[:, :capacity])
     assert float(stats['dropped_fraction']) == pytest.approx(1.0 - capacity / gs)
-    y_ref, _, _ = reference(x, w, group_size=gs, capacity_factor=cf, min_capacity=1,
-                            activation='relu')
+    y_ref, _, _ = ref_switch_layer(x, w, group_size=gs, capacity_factor=cf, min_capacity=1,
+                                   activation='relu')
     np.testing.assert_allclose(y, y_ref.reshape(-1, gs, D), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('expert_capacity', [1, 3])
+def test_expert_capacity_is_fixed_in_training_and_evaluation(expert_capacity):
+  """model.moe.expert_capacity (HF checkpoints' fixed capacity) overrides both factors and
+  min_capacity; with group_size 0 every sequence is one group, as HF routes."""
+  e, length = 4, L
+  layer = _one_expert_layer(2, num_experts=e, group_size=0, capacity_factor=2.0,
+                            eval_capacity_factor=0.5, min_capacity=2,
+                            expert_capacity=expert_capacity)
+  x = _positive_x(3)
+  for deterministic in (True, False):
+    assert layer.capacity(length, deterministic) == expert_capacity
+    y, stats = call(layer, jnp.asarray(x), deterministic, None)
+    kept = np.any(np.asarray(y) != 0.0, axis=-1)               # [B, L]: a group per row
+    np.testing.assert_array_equal(kept[:, :expert_capacity], True)
+    np.testing.assert_array_equal(kept[:, expert_capacity:], False)
+    assert float(stats['dropped_fraction']) == pytest.approx(1.0 - expert_capacity / length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,8 +268,8 @@ def test_gradients_nonzero_and_finite(activation, alpha, beta):
     assert np.all(np.isfinite(gvalue)), name
     assert np.any(gvalue != 0.0), name
   # Every expert that received a token gets gradient on wo.
-  _, _, info = reference(np.asarray(x), weights(layer), group_size=8, capacity_factor=1.0,
-                         min_capacity=1, activation=activation)
+  _, _, info = ref_switch_layer(np.asarray(x), weights(layer), group_size=8,
+                                capacity_factor=1.0, min_capacity=1, activation=activation)
   used = np.unique(info['top'][info['kept']])
   wo_norm = np.abs(np.asarray(leaves['wo'])).sum(axis=(1, 2))
   assert np.all(wo_norm[used] > 0.0)
@@ -397,8 +303,9 @@ def test_gradients_match_finite_difference_of_reference():
   def ref_loss(values):
     w = dict(values)
     xx = w.pop('x')
-    y, stats, info = reference(xx, w, group_size=gs, capacity_factor=cf, min_capacity=1,
-                               activation='geglu', alpha=alpha, beta=beta)
+    y, stats, info = ref_switch_layer(xx, w, group_size=gs, capacity_factor=cf,
+                                      min_capacity=1, activation='geglu', alpha=alpha,
+                                      beta=beta)
     return np.sum(y * c) + stats['load_balance'] + stats['z_loss'], info
 
   _, info = ref_loss(base)
@@ -434,42 +341,7 @@ def test_gradients_match_finite_difference_of_reference():
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Expert permutation.
-
-
-@pytest.mark.parametrize('capacity_factor', [4.0, 0.5])
-def test_expert_permutation(capacity_factor):
-  """Relabelling experts permutes expert_fraction and changes nothing else.
-
-  At capacity_factor 4 (capacity = S) nothing is dropped; at 0.5 tokens are dropped, but which
-  ones depends only on each expert's own queue, so the output is still unchanged.
-  """
-  e, gs = 4, 8
-  layer = make_layer(num_experts=e, group_size=gs, capacity_factor=capacity_factor,
-                     alpha=0.01, beta=0.001, activation='geglu', seed=11)
-  x = jnp.asarray(random_x(8))
-  y, stats = call(layer, x, True, None)
-  if capacity_factor == 4.0:
-    assert float(stats['dropped_fraction']) == 0.0
-  else:
-    assert float(stats['dropped_fraction']) > 0.0
-  perm = np.array([2, 0, 3, 1])
-  w = weights(layer)
-  layer.router.kernel[...] = jnp.asarray(w['router'][:, perm])
-  layer.experts.wi[...] = jnp.asarray(w['wi'][perm])
-  layer.experts.wi_gate[...] = jnp.asarray(w['wi_gate'][perm])
-  layer.experts.wo[...] = jnp.asarray(w['wo'][perm])
-  y_p, stats_p = call(layer, x, True, None)
-  np.testing.assert_allclose(np.asarray(y_p), np.asarray(y), rtol=1e-6, atol=1e-7)
-  np.testing.assert_array_equal(np.asarray(stats_p['expert_fraction_E']),
-                                np.asarray(stats['expert_fraction_E'])[perm])
-  for k in ('load_balance', 'z_loss', 'dropped_fraction', 'confidence'):
-    np.testing.assert_allclose(np.asarray(stats_p[k]), np.asarray(stats[k]), rtol=1e-6,
-                               err_msg=k)
-
-
-# --------------------------------------------------------------------------------------------
-# 6. Router jitter.
+# 5. Router jitter.
 
 
 def test_jitter_is_off_in_eval_mode():
@@ -508,8 +380,8 @@ def test_jitter_in_training_mode():
                                         1.0 - jit_eps, 1.0 + jit_eps))   # [G, S, D]
   assert np.all(np.abs(noise - 1.0) <= jit_eps)
   router_x = (x.reshape(2, 8, D) * noise).reshape(x.shape)
-  y_ref, _, _ = reference(x, weights(jittery), group_size=8, capacity_factor=4.0,
-                          min_capacity=1, activation='geglu', router_x_BxLxD=router_x)
+  y_ref, _, _ = ref_switch_layer(x, weights(jittery), group_size=8, capacity_factor=4.0,
+                                 min_capacity=1, activation='geglu', router_x_BxLxD=router_x)
   np.testing.assert_allclose(y1, y_ref, rtol=1e-5, atol=1e-6)
 
   # Different streams give different noise.
@@ -518,7 +390,7 @@ def test_jitter_in_training_mode():
 
 
 # --------------------------------------------------------------------------------------------
-# 7. Shared experts and the aux-loss-free balancing bias.
+# 6. Shared experts and the aux-loss-free balancing bias.
 
 
 def _with_routed_weights_of(layer, source):
@@ -543,7 +415,7 @@ def test_shared_experts_add_a_dense_ffn_to_the_routed_output(activation):
   w = {k: None if v is None else np.asarray(v[...], np.float64)
        for k, v in (('wi', shared.shared.wi), ('wo', shared.shared.wo),
                     ('wi_gate', shared.shared.wi_gate))}
-  ffn = np.stack([_ffn(t, w['wi'], w['wo'], w['wi_gate'], activation)
+  ffn = np.stack([ref_ffn(t, w['wi'], w['wo'], w['wi_gate'], activation)
                   for t in x.reshape(-1, D).astype(np.float64)]).reshape(x.shape)
   np.testing.assert_allclose(np.asarray(y_shared) - np.asarray(y_plain), ffn, rtol=1e-5,
                              atol=1e-5)
@@ -580,7 +452,7 @@ def test_zero_expert_bias_changes_nothing():
 
 
 # --------------------------------------------------------------------------------------------
-# 8. Padding.
+# 7. Padding.
 
 
 @pytest.mark.parametrize('group_size,pad_from,takes_slots', [
@@ -595,9 +467,9 @@ def test_padding_takes_no_capacity_and_counts_in_no_statistic(group_size, pad_fr
                      gamma=gamma, seed=17)
   x, valid = pad_row_0(random_x(18), pad_from)
   y, stats = call(layer, jnp.asarray(x), True, None, jnp.asarray(valid))
-  ref = lambda valid_BxL: reference(x, weights(layer), group_size=group_size,
-                                    capacity_factor=1.0, min_capacity=1, activation='relu',
-                                    alpha=alpha, beta=beta, gamma=gamma, valid_BxL=valid_BxL)
+  ref = lambda valid_BxL: ref_switch_layer(
+      x, weights(layer), group_size=group_size, capacity_factor=1.0, min_capacity=1,
+      activation='relu', alpha=alpha, beta=beta, gamma=gamma, valid_BxL=valid_BxL)
   y_ref, stats_ref, info = ref(valid)
   assert info['margin'] > 1e-3
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-6)
@@ -626,7 +498,7 @@ def test_padding_gets_no_shared_output_and_no_share_of_selections():
   y, stats = call(layer, jnp.asarray(x), True, None, jnp.asarray(valid))
   y = np.asarray(y)
   assert np.all(y[~valid] == 0.0) and np.all(np.any(y[valid] != 0.0, axis=-1))
-  _, stats_ref, _ = reference(x, weights(layer), group_size=16, capacity_factor=1.0,
-                              min_capacity=1, activation='relu', valid_BxL=valid)
+  _, stats_ref, _ = ref_switch_layer(x, weights(layer), group_size=16, capacity_factor=1.0,
+                                     min_capacity=1, activation='relu', valid_BxL=valid)
   np.testing.assert_allclose(np.asarray(stats['selected_fraction_E']),
                              stats_ref['expert_fraction_E'], rtol=1e-6)
