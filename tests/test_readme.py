@@ -32,6 +32,11 @@ EXCUSED = {
     '--config.data.source=c4/en:3.0.1 --config.data.data_dir=/data/tfds '
     '--config.data.tokenizer=/data/t5/sentencepiece.model':
         "needs C4 prepared by the command above and T5's SentencePiece model",
+    'huggingface-cli download google/switch-base-8 --local-dir=/data/hf/switch-base-8':
+        'downloads from the HuggingFace hub (needs the network)',
+    'python scripts/convert_hf.py --hf_dir=/data/hf/switch-base-8 --out=runs/switch-base-8':
+        'needs the download above; tests/test_convert.py runs convert_hf.py on tiny folders '
+        "written in HF's layout",
     'python scripts/ablate.py sw_table1 --scale=cpu':
         'about 1.5 h on 2 cores; its results are committed in docs/results/ and the smoke '
         'scale of the same script runs here and in tests/test_ablate.py',

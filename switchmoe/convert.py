@@ -1,0 +1,347 @@
+"""Released HuggingFace checkpoints (SwitchTransformers, T5 v1.0 / v1.1) as switchmoe models.
+
+A HuggingFace folder holds ``config.json``, the weights as ``model.safetensors`` or as shards
+listed in ``model.safetensors.index.json``, and usually the tokenizer ``spiece.model``. It is
+read with ``safetensors`` and NumPy only (no torch), one tensor at a time, and every tensor
+must map onto switchmoe's parameter tree and back: a tensor of the folder that nothing reads,
+or a parameter that nothing fills, is an error.
+
+Conventions that differ, and how a conversion keeps the checkpoint's function:
+- T5 does not scale attention logits by 1/sqrt(d_kv); switchmoe does, so the query weights
+  are multiplied by sqrt(d_kv) on import.
+- HF routes each sequence as one group with a fixed ``expert_capacity``: the converted config
+  has ``model.moe.group_size=0`` and ``model.moe.expert_capacity`` set to it.
+- HF makes layer i sparse when ``i % sparse_step == 1`` (every layer for step 1); switchmoe
+  when ``i % every == every - 1``. They agree for steps 1 and 2, which is what released
+  checkpoints use; other steps are refused.
+- Linear weights are stored [out, in]; attention heads are the outer part of each projection's
+  out dimension. T5.1.1's ``wi_0`` is the GELU branch (switchmoe's ``wi_gate``), ``wi_1`` the
+  linear one (``wi``).
+- Tied embeddings: both rescale the decoder output by d_model**-0.5 before the output
+  projection; untied checkpoints (T5.1.1) have an ``lm_head`` and no rescaling.
+- Dropped tokens: the sparse layer outputs 0 for them and the residual carries the token, as in
+  Mesh TF, t5x and transformers >= 4.53 (transformers <= 4.50 passed them through unchanged,
+  the same thing, since its residual is added inside the layer; older numbers match).
+- Padding: switchmoe's routers give padding no capacity (Mesh TF); HF's router sees padding as
+  tokens. Logits agree wherever the padding would not have pushed a real token over capacity
+  (always, for unpadded rows).
+
+Shape suffixes: D d_model, F d_ff, H heads, K d_kv, E experts, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import ml_collections
+import numpy as np
+
+from switchmoe.config import default_config
+
+MODEL_TYPES = ('switch_transformers', 't5')
+_INDEX = 'model.safetensors.index.json'
+_SINGLE = 'model.safetensors'
+
+
+class _Tensors:
+  """The folder's tensors by name, read on demand from one file or an index of shards."""
+
+  def __init__(self, folder: str):
+    from safetensors import safe_open
+    self._open = lambda path: safe_open(path, framework='np')
+    index = os.path.join(folder, _INDEX)
+    if os.path.isfile(index):
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)['weight_map']
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{index}: not a safetensors index ({type(e).__name__}: {e})') from None
+      self.files = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+      for shard in sorted(set(self.files.values())):
+        if not os.path.isfile(shard):
+          raise ValueError(f'{index}: names shard {os.path.basename(shard)}, which is missing')
+    elif os.path.isfile(os.path.join(folder, _SINGLE)):
+      path = os.path.join(folder, _SINGLE)
+      with self._open(path) as f:
+        self.files = {name: path for name in f.keys()}
+    else:
+      raise ValueError(f'{folder}: no weights ({_SINGLE} or {_INDEX}); only safetensors '
+                       'checkpoints are read')
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.files)
+
+  def read(self, name: str) -> np.ndarray:
+    with self._open(self.files[name]) as f:
+      if name not in f.keys():
+        raise ValueError(f'{self.files[name]}: lacks {name}, which the index places there')
+      return np.asarray(f.get_tensor(name), np.float32)
+
+
+def read_hf_config(folder: str) -> dict:
+  """The folder's ``config.json``; ValueError for a missing file or an unknown model_type."""
+  path = os.path.join(folder, 'config.json')
+  if not os.path.isdir(folder):
+    raise ValueError(f'{folder}: no such folder')
+  try:
+    with open(path) as f:
+      hf = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f'{path}: missing; a HuggingFace checkpoint folder has config.json '
+                     'and safetensors weights') from None
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: cannot read ({type(e).__name__}: {e})') from None
+  if hf.get('model_type') not in MODEL_TYPES:
+    raise ValueError(f'{path}: model_type={hf.get("model_type")!r}; allowed: '
+                     f'{", ".join(map(repr, MODEL_TYPES))}')
+  return hf
+
+
+def config_from_hf(hf: dict, folder: str = '') -> ml_collections.ConfigDict:
+  """A switchmoe config with the model of HF config ``hf`` (``config.json``'s dict). Data and
+  training fields keep their defaults but the tokenizer, ``folder/spiece.model`` if present."""
+  where = f'{folder}/config.json' if folder else 'config.json'
+
+  def need(key):
+    if key not in hf:
+      raise ValueError(f'{where}: lacks {key}')
+    return hf[key]
+
+  c = default_config()
+  m, e = c.model, c.model.moe
+  m.vocab_size, m.d_model, m.d_kv = need('vocab_size'), need('d_model'), need('d_kv')
+  m.d_ff, m.num_heads, m.num_layers = need('d_ff'), need('num_heads'), need('num_layers')
+  m.num_decoder_layers = hf.get('num_decoder_layers') or m.num_layers
+  m.relative_attention_num_buckets = hf.get('relative_attention_num_buckets', 32)
+  m.relative_attention_max_distance = hf.get('relative_attention_max_distance', 128)
+  m.dropout_rate = float(hf.get('dropout_rate', 0.1))
+  if not math.isclose(hf.get('layer_norm_epsilon', 1e-6), 1e-6):
+    raise ValueError(f'{where}: layer_norm_epsilon={hf["layer_norm_epsilon"]}; allowed: 1e-06 '
+                     "(switchmoe's RMSNorm)")
+  # Explicit is_gated_act / dense_act_fn win over feed_forward_proj, as in HF.
+  projection = hf.get('feed_forward_proj', 'relu')
+  gated = hf.get('is_gated_act', projection.startswith('gated-'))
+  act = hf.get('dense_act_fn', projection.split('-')[-1])
+  activations = {(False, 'relu'): 'relu', (True, 'gelu_new'): 'geglu', (True, 'gelu'): 'geglu'}
+  if (gated, act) not in activations:
+    raise ValueError(f'{where}: feed_forward_proj={projection!r} (is_gated_act={gated}, '
+                     f'dense_act_fn={act!r}); allowed: relu, or gated-gelu with the tanh GELU')
+  if (gated, act) == (True, 'gelu'):
+    # T5's gated-gelu checkpoints name the tanh approximation 'gelu_new'; 'gelu' would be
+    # the exact erf GELU, which switchmoe's GEGLU does not compute.
+    raise ValueError(f'{where}: dense_act_fn=\'gelu\' (exact GELU); allowed: \'gelu_new\'')
+  m.ffn_activation = activations[(gated, act)]
+  # Tied embeddings and the d_model**-0.5 output scale go together in switchmoe; HF decides
+  # the scale by scale_decoder_outputs if present. Unscaled output without an lm_head uses
+  # shared.weight as an untied projection (`tensor_names`).
+  m.tie_embeddings = bool(hf.get('scale_decoder_outputs', hf.get('tie_word_embeddings', True)))
+  m.arch = 'encoder_decoder'
+  if hf['model_type'] == 'switch_transformers':
+    steps = {hf.get('encoder_sparse_step'), hf.get('decoder_sparse_step')}
+    if len(steps) != 1 or steps - {1, 2}:
+      raise ValueError(f'{where}: encoder_sparse_step / decoder_sparse_step '
+                       f'{hf.get("encoder_sparse_step")} / {hf.get("decoder_sparse_step")}; '
+                       'allowed: both 1 or both 2 (the sparse layers must sit where '
+                       'switchmoe puts them)')
+    if hf.get('router_bias', False):
+      raise ValueError(f'{where}: router_bias=true; allowed: false (switchmoe routers have '
+                       'no bias)')
+    e.every = steps.pop()
+    e.num_experts = need('num_experts')
+    e.expert_capacity = need('expert_capacity')
+    e.group_size = 0                      # HF routes each sequence as one group
+    e.load_balance_loss = float(hf.get('router_aux_loss_coef', 0.001))
+    e.router_z_loss = float(hf.get('router_z_loss_coef', 0.001))
+    jitter = float(hf.get('router_jitter_noise', 0.0))
+    if jitter > 0:
+      e.exploration, e.jitter = 'input_jitter', jitter
+  else:
+    e.every = 0
+  tokenizer = os.path.join(folder, 'spiece.model') if folder else ''
+  if tokenizer and os.path.isfile(tokenizer):
+    c.data.tokenizer = tokenizer
+  return c
+
+
+# ------------------------------------------------------------------------------ tensor names
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _linear(w_OxI: np.ndarray) -> np.ndarray:
+  return w_OxI.T
+
+
+def _heads_in(heads: int, scale: float = 1.0) -> Transform:
+  """q / k / v weight [H*K, D] -> [D, H, K] (times ``scale``)."""
+  return lambda w: (w.T.reshape(w.shape[1], heads, -1) * scale).astype(np.float32)
+
+
+def _heads_out(heads: int) -> Transform:
+  """o weight [D, H*K] -> [H, K, D]."""
+  return lambda w: w.T.reshape(heads, -1, w.shape[0])
+
+
+def _is_sparse(layer: int, every: int) -> bool:
+  return every > 0 and layer % every == every - 1
+
+
+def _block_names(c: ml_collections.ConfigDict, stack: str, i: int, switch: bool
+                 ) -> Iterator[tuple[str, str, Transform]]:
+  """(HF name, switchmoe path, transform) of one block's tensors; experts as ``{e}``."""
+  m = c.model
+  hf, ours = f'{stack}.block.{i}.layer', f'{stack}/layers/{i}'
+  attn = {'q': ('query', _heads_in(m.num_heads, math.sqrt(m.d_kv))),
+          'k': ('key', _heads_in(m.num_heads)), 'v': ('value', _heads_in(m.num_heads)),
+          'o': ('out', _heads_out(m.num_heads))}
+  parts = [('0', 'SelfAttention', 'self_attn')]
+  if stack == 'decoder':
+    parts.append(('1', 'EncDecAttention', 'cross_attn'))
+  for j, hf_attn, our_attn in parts:
+    for p, (name, transform) in attn.items():
+      yield f'{hf}.{j}.{hf_attn}.{p}.weight', f'{ours}/{our_attn}/{name}', transform
+    yield f'{hf}.{j}.layer_norm.weight', f'{ours}/{our_attn}_norm/scale', np.asarray
+  j = str(len(parts))
+  yield f'{hf}.{j}.layer_norm.weight', f'{ours}/ffn_norm/scale', np.asarray
+  inputs = (('wi_0', 'wi_gate'), ('wi_1', 'wi')) if m.ffn_activation == 'geglu' else (
+      ('wi', 'wi'),)
+  if switch and _is_sparse(i, m.moe.every):
+    yield (f'{hf}.{j}.mlp.router.classifier.weight', f'{ours}/ffn/router/kernel', _linear)
+    for hf_w, our_w in inputs + (('wo', 'wo'),):
+      yield (f'{hf}.{j}.mlp.experts.expert_{{e}}.{hf_w}.weight', f'{ours}/ffn/experts/{our_w}',
+             _linear)
+  else:
+    ffn = 'mlp' if switch else 'DenseReluDense'
+    for hf_w, our_w in inputs + (('wo', 'wo'),):
+      yield f'{hf}.{j}.{ffn}.{hf_w}.weight', f'{ours}/ffn/{our_w}', _linear
+
+
+def tensor_names(c: ml_collections.ConfigDict, switch: bool
+                 ) -> list[tuple[str, str, Transform]]:
+  """Every tensor of a HF checkpoint of config ``c``: (HF name, switchmoe path, transform
+  from the HF array to ours). Expert tensors carry ``{e}`` in the HF name; their arrays stack
+  into the leading expert dimension of the switchmoe parameter."""
+  m = c.model
+  names = [('shared.weight', 'embed/embedding', np.asarray)]
+  if not m.tie_embeddings:
+    names.append(('lm_head.weight', 'logits_kernel', _linear))
+  for stack, layers in (('encoder', m.num_layers), ('decoder', m.num_decoder_layers)):
+    names.append((f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
+                  f'{stack}/rel_bias/rel_embedding', np.asarray))
+    names.append((f'{stack}.final_layer_norm.weight', f'{stack}/final_norm/scale', np.asarray))
+    for i in range(layers):
+      names.extend(_block_names(c, stack, i, switch))
+  return names
+
+
+# Copies of shared.weight that some checkpoints store; read only to check they are copies.
+_TIED_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+
+
+def hf_params(folder: str, c: ml_collections.ConfigDict, switch: bool,
+              expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """{switchmoe path: float32 array} of the folder's tensors, read one at a time.
+
+  ``expected``: {switchmoe path: shape} of the model built from ``c``. ValueError naming the
+  tensor for one that is missing, misshaped, or maps to nothing.
+  """
+  tensors = _Tensors(folder)
+  available = set(tensors)
+  params, used = {}, set()
+  for hf_name, path, transform in tensor_names(c, switch):
+    if path not in expected:
+      raise ValueError(f'{folder}: {hf_name} maps to {path}, which this model lacks')
+    if '{e}' in hf_name:
+      names = [hf_name.format(e=e) for e in range(c.model.moe.num_experts)]
+    else:
+      names = [hf_name]
+    arrays = []
+    for name in names:
+      if name == 'lm_head.weight' and name not in available:
+        name = 'shared.weight'  # unscaled output through the input embedding, as HF does
+      if name not in available:
+        raise ValueError(f'{folder}: lacks tensor {name} (for {path})')
+      arrays.append(transform(tensors.read(name)))
+      used.add(name)
+    array = np.stack(arrays) if '{e}' in hf_name else arrays[0]
+    if array.shape != tuple(expected[path]):
+      raise ValueError(f'{folder}: tensor {hf_name.format(e=0)} gives {path} the shape '
+                       f'{array.shape}; the config needs {tuple(expected[path])}')
+    params[path] = array.astype(np.float32)
+  for name in sorted(set(_TIED_COPIES) & available):
+    if not np.array_equal(tensors.read(name), tensors.read('shared.weight')):
+      raise ValueError(f'{folder}: {name} differs from shared.weight; only copies of it are '
+                       'allowed there')
+    used.add(name)
+  if c.model.tie_embeddings and 'lm_head.weight' in available:
+    if not np.array_equal(tensors.read('lm_head.weight'), tensors.read('shared.weight')):
+      raise ValueError(f'{folder}: lm_head.weight differs from shared.weight, but '
+                       'tie_word_embeddings is true')
+    used.add('lm_head.weight')
+  unused = sorted(available - used)
+  if unused:
+    raise ValueError(f'{folder}: {len(unused)} tensor(s) map to nothing in switchmoe, e.g. '
+                     f'{unused[0]}')
+  missing = sorted(set(expected) - set(params))
+  if missing:
+    raise ValueError(f'{folder}: nothing fills the parameter {missing[0]}')
+  return params
+
+
+def load_hf_params(folder: str) -> tuple[dict, ml_collections.ConfigDict]:
+  """(params as a pure dict in switchmoe's tree, the validated config) of a HuggingFace
+  SwitchTransformers / T5 folder; nothing is written."""
+  from flax import nnx, traverse_util
+  from switchmoe import config as config_lib
+  from switchmoe.model import LanguageModel
+  folder = os.path.abspath(os.path.expanduser(folder))
+  hf = read_hf_config(folder)
+  config = config_from_hf(hf, folder)
+  config_lib.validate(config)
+  abstract = nnx.to_pure_dict(nnx.state(
+      nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0)))))
+  flat = traverse_util.flatten_dict(abstract)
+  path_of = {'/'.join(map(str, key)): key for key in flat}
+  params = hf_params(folder, config, hf['model_type'] == 'switch_transformers',
+                     {path: flat[key].shape for path, key in path_of.items()})
+  return traverse_util.unflatten_dict({path_of[p]: v for p, v in params.items()}), config
+
+
+def load_hf(folder: str) -> tuple[TokenModel, ml_collections.ConfigDict]:
+  """(model, config) of a HuggingFace SwitchTransformers / T5 folder.
+
+  ``model(encoder_tokens_BxL, decoder_tokens_BxT)`` gives float32 logits [B, T, V] in
+  deterministic mode (`TokenModel`), routed as the checkpoint routes; ``config`` is the
+  switchmoe config it was built from.
+  """
+  from flax import nnx
+  from switchmoe.model import LanguageModel
+  params, config = load_hf_params(folder)
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return TokenModel(nnx.merge(graphdef, state)), config
+
+
+class TokenModel:
+  """A converted `LanguageModel` called on token arrays, deterministically.
+
+  ``encoder_tokens_BxL``: int32, 0 = padding. ``decoder_tokens_BxT``: the decoder input
+  (start token 0, then the targets shifted right), every position real.
+  """
+
+  def __init__(self, model):
+    self.model = model
+
+  def __call__(self, encoder_tokens_BxL, decoder_tokens_BxT) -> np.ndarray:
+    import jax.numpy as jnp
+    decoder = jnp.asarray(decoder_tokens_BxT, jnp.int32)
+    batch = {'encoder_input_tokens': jnp.asarray(encoder_tokens_BxL, jnp.int32),
+             'decoder_input_tokens': decoder,
+             'decoder_target_tokens': jnp.ones_like(decoder),
+             'decoder_segment_ids': jnp.ones_like(decoder)}
+    logits, _ = self.model(batch, deterministic=True)
+    return logits

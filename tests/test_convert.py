@@ -1,0 +1,178 @@
+"""HuggingFace checkpoints in, switchmoe models out: tiny random SwitchTransformers and T5
+folders written in HF's layout (tests/hf_reference.py, checked there against transformers)
+give logits equal to an independent float64 NumPy forward of the same weights, tokens dropped
+by capacity included; every bad folder is one line and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from switchmoe import checkpoint as checkpoint_lib
+from switchmoe import convert
+from tests import hf_reference as hf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = {
+    'switch_step2': (hf.small_switch_config(sparse_step=2), 1, False),
+    'switch_step1_3_shards': (hf.small_switch_config(sparse_step=1), 3, False),
+    'switch_untied': (hf.small_switch_config(tie_word_embeddings=False), 1, False),
+    'switch_tied_copies': (hf.small_switch_config(), 1, True),
+    't5_1.0_2_shards': (hf.small_t5_config('1.0'), 2, False),
+    't5_1.1': (hf.small_t5_config('1.1'), 1, False),
+    't5_1.1_copies': (hf.small_t5_config('1.1'), 1, True),
+}
+
+
+def tokens(vocab, seed):
+  """Encoder tokens [2, 20] (row 1 right-padded after 13) and decoder inputs [2, 18]."""
+  rs = np.random.RandomState(seed)
+  enc = rs.randint(2, vocab, (2, 20)).astype(np.int32)
+  enc[1, 13:] = 0
+  labels = rs.randint(2, vocab, (2, 18)).astype(np.int32)
+  return enc, hf.hf_decoder_input(labels).astype(np.int32)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_logits_equal_the_float64_hf_forward(case, tmp_path):
+  config, shards, copies = CASES[case]
+  weights = hf.write_hf_checkpoint(str(tmp_path), config, seed=3, shards=shards,
+                                   include_tied_duplicates=copies)
+  model, c = convert.load_hf(str(tmp_path))
+  enc, dec = tokens(config['vocab_size'], seed=1)
+  want, routing = hf.hf_forward(config, weights, enc, dec, return_routing=True)
+  got = np.asarray(model(enc, dec), np.float64)
+  assert got.shape == want.shape == (2, 18, config['vocab_size'])
+  assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
+  if config['model_type'] == 'switch_transformers':
+    assert c.model.moe.group_size == 0 and c.model.moe.expert_capacity == 2
+    # Far from a routing tie (float32 here, float64 there), and capacity does bite.
+    assert min(layer['margin'] for layer in routing) > 1e-4
+    real = [layer['kept'][np.asarray(enc) > 0] if layer['name'].startswith('encoder') else
+            layer['kept'] for layer in routing]
+    assert all(not np.all(kept) for kept in real)
+  else:
+    assert c.model.moe.every == 0
+
+
+def test_conventions_reach_the_config(tmp_path):
+  c = convert.config_from_hf(hf.small_t5_config('1.1'))
+  assert (c.model.ffn_activation, c.model.tie_embeddings, c.model.moe.every) == (
+      'geglu', False, 0)
+  c = convert.config_from_hf(hf.small_switch_config(sparse_step=2))
+  assert (c.model.ffn_activation, c.model.tie_embeddings, c.model.moe.every) == (
+      'relu', True, 2)
+  assert (c.model.moe.exploration, c.model.moe.jitter) == ('input_jitter', 0.01)
+  assert (c.model.d_model, c.model.d_kv, c.model.num_heads, c.model.d_ff) == (16, 4, 2, 32)
+  # HF 5 re-saves T5.1.1 as tied but unscaled, with its own lm_head: unscaled wins.
+  resaved = hf.small_t5_config('1.1', tie_word_embeddings=True, scale_decoder_outputs=False)
+  assert not convert.config_from_hf(resaved).model.tie_embeddings
+
+
+def _write(tmp_path, config=None, **kw):
+  folder = str(tmp_path / 'hf')
+  os.makedirs(folder)
+  hf.write_hf_checkpoint(folder, config or hf.small_switch_config(), **kw)
+  return folder
+
+
+def _rewrite_tensors(folder, edit):
+  from safetensors.numpy import load_file, save_file
+  path = os.path.join(folder, 'model.safetensors')
+  tensors = load_file(path)
+  edit(tensors)
+  save_file(tensors, path)
+
+
+def _set_config(folder, **fields):
+  path = os.path.join(folder, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config.update(fields)
+  with open(path, 'w') as f:
+    json.dump(config, f)
+
+
+BAD = {
+    'no_config': (lambda f: os.remove(os.path.join(f, 'config.json')),
+                  r'config\.json: missing'),
+    'model_type': (lambda f: _set_config(f, model_type='bart'),
+                   r"model_type='bart'; allowed: 'switch_transformers', 't5'"),
+    'no_weights': (lambda f: os.remove(os.path.join(f, 'model.safetensors')),
+                   r'no weights \(model\.safetensors or model\.safetensors\.index\.json\)'),
+    'missing_tensor': (lambda f: _rewrite_tensors(
+        f, lambda t: t.pop('decoder.block.1.layer.2.mlp.experts.expert_3.wo.weight')),
+        r'lacks tensor decoder\.block\.1\.layer\.2\.mlp\.experts\.expert_3\.wo\.weight'),
+    'misshaped': (lambda f: _rewrite_tensors(
+        f, lambda t: t.update({'encoder.final_layer_norm.weight': np.ones(17, np.float32)})),
+        r'encoder\.final_layer_norm\.weight gives encoder/final_norm/scale the shape \(17,\); '
+        r'the config needs \(16,\)'),
+    'extra_tensor': (lambda f: _rewrite_tensors(
+        f, lambda t: t.update({'encoder.block.0.layer.0.SelfAttention.q.bias':
+                               np.zeros(8, np.float32)})),
+        r'1 tensor\(s\) map to nothing in switchmoe, e\.g\. '
+        r'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.bias'),
+    'sparse_step_3': (lambda f: _set_config(f, encoder_sparse_step=3, decoder_sparse_step=3),
+                      r'encoder_sparse_step / decoder_sparse_step 3 / 3; allowed: both 1 or '
+                      r'both 2'),
+    'router_bias': (lambda f: _set_config(f, router_bias=True), r'router_bias=true'),
+    'epsilon': (lambda f: _set_config(f, layer_norm_epsilon=1e-5), r'layer_norm_epsilon=1e-05'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD))
+def test_bad_folder_is_one_line(case, tmp_path):
+  folder = _write(tmp_path)
+  damage, message = BAD[case]
+  damage(folder)
+  with pytest.raises(ValueError, match=message) as error:
+    convert.load_hf_params(folder)
+  assert '\n' not in str(error.value)
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+  folder = _write(tmp_path, shards=2)
+  os.remove(os.path.join(folder, 'model-00002-of-00002.safetensors'))
+  with pytest.raises(ValueError, match=r'names shard model-00002-of-00002\.safetensors, which '
+                                       r'is missing'):
+    convert.load_hf_params(folder)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, 'scripts/convert_hf.py', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_an_export_and_a_config_file_that_fine_tunes_from_it(tmp_path):
+  folder, out = _write(tmp_path), str(tmp_path / 'out')
+  done = _cli(f'--hf_dir={folder}', f'--out={out}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'Converted' in done.stdout and sorted(os.listdir(out)) == [
+      'config.json', 'config.py', 'params']
+  params, config = convert.load_hf_params(folder)
+  assert checkpoint_lib.find_config(out).to_json() == config.to_json()
+  from switchmoe.main import load_config
+  fine_tune = load_config(os.path.join(out, 'config.py'), [])
+  assert fine_tune.train.init_from == out
+  assert fine_tune.model.to_json() == config.model.to_json()
+  import jax
+  stored, names = checkpoint_lib.load_params(out, jax.tree.map(jax.numpy.asarray, params))
+  assert len(names) == len(jax.tree.leaves(params))
+  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_cli_bad_folder_exits_2_and_writes_nothing(tmp_path):
+  folder, out = _write(tmp_path), str(tmp_path / 'out')
+  _set_config(folder, model_type='bart')
+  done = _cli(f'--hf_dir={folder}', f'--out={out}')
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      f"error: {folder}/config.json: model_type='bart'; allowed: 'switch_transformers', 't5'"]
+  assert not os.path.exists(out)
