@@ -1,6 +1,7 @@
-"""Convert a HuggingFace SwitchTransformers / T5 checkpoint folder into a switchmoe export.
+"""Convert HuggingFace SwitchTransformers / T5 checkpoints to switchmoe exports and back.
 
-  python scripts/convert_hf.py --hf_dir=DIR --out=OUT
+  python scripts/convert_hf.py --hf_dir=DIR --out=OUT            # HF folder -> switchmoe
+  python scripts/convert_hf.py --checkpoint=PATH --hf_out=DIR    # switchmoe -> HF folder
 
 DIR holds ``config.json`` and safetensors weights (``model.safetensors``, or shards listed in
 ``model.safetensors.index.json``), as ``huggingface-cli download google/switch-base-8`` leaves
@@ -10,6 +11,11 @@ file for ``switchmoe-train`` that fine-tunes from it:
 
   switchmoe-train --config=OUT/config.py --workdir=runs/ft
   python scripts/evaluate.py OUT
+
+The reverse direction writes ``config.json`` and ``model.safetensors`` from a run folder (its
+latest step), a checkpoint step or an export, for a model HF can express (a Switch model needs
+``model.moe.group_size=0`` and a fixed ``model.moe.expert_capacity``, as converted ones have);
+``transformers``' ``from_pretrained(DIR)`` loads it.
 
 Conventions that differ between the two code bases, and how the conversion keeps the
 checkpoint's function, are listed in `switchmoe/convert.py`.
@@ -51,16 +57,27 @@ def convert(hf_dir: str, out: str) -> int:
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--hf_dir', required=True)
-  parser.add_argument('--out', required=True)
+  parser.add_argument('--hf_dir', help='a HuggingFace folder to convert (with --out)')
+  parser.add_argument('--out', help='the new switchmoe export (with --hf_dir)')
+  parser.add_argument('--checkpoint', help='a switchmoe run, step or export (with --hf_out)')
+  parser.add_argument('--hf_out', help='the new HuggingFace folder (with --checkpoint)')
   args = parser.parse_args(argv)
   try:
-    count = convert(args.hf_dir, args.out)
+    if args.hf_dir and args.out and not (args.checkpoint or args.hf_out):
+      count = convert(args.hf_dir, args.out)
+      print(f'Converted {count} parameter arrays from {os.path.abspath(args.hf_dir)} to '
+            f'{os.path.abspath(args.out)}')
+    elif args.checkpoint and args.hf_out and not (args.hf_dir or args.out):
+      from switchmoe import convert as convert_lib
+      count = convert_lib.checkpoint_to_hf(args.checkpoint, args.hf_out)
+      print(f'Wrote {count} tensors of {os.path.abspath(args.checkpoint)} to '
+            f'{os.path.abspath(args.hf_out)}')
+    else:
+      raise ValueError('give --hf_dir and --out (HF -> switchmoe), or --checkpoint and '
+                       '--hf_out (switchmoe -> HF)')
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'Converted {count} parameter arrays from {os.path.abspath(args.hf_dir)} to '
-        f'{os.path.abspath(args.out)}')
   return 0
 
 

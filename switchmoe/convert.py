@@ -20,8 +20,9 @@ Conventions that differ, and how a conversion keeps the checkpoint's function:
 - Tied embeddings: both rescale the decoder output by d_model**-0.5 before the output
   projection; untied checkpoints (T5.1.1) have an ``lm_head`` and no rescaling.
 - Dropped tokens: the sparse layer outputs 0 for them and the residual carries the token, as in
-  Mesh TF, t5x and transformers >= 4.53 (transformers <= 4.50 passed them through unchanged,
-  the same thing, since its residual is added inside the layer; older numbers match).
+  Mesh TF, t5x and transformers >= 4.53. transformers <= 4.50 instead passed a dropped
+  token's hidden state through the sparse layer (its output buffer started as a copy of the
+  input), so logits from those versions differ wherever a token is dropped.
 - Padding: switchmoe's routers give padding no capacity (Mesh TF); HF's router sees padding as
   tokens. Logits agree wherever the padding would not have pushed a real token over capacity
   (always, for unpadded rows).
@@ -31,9 +32,11 @@ Shape suffixes: D d_model, F d_ff, H heads, K d_kv, E experts, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import ml_collections
@@ -168,72 +171,79 @@ def config_from_hf(hf: dict, folder: str = '') -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------ tensor names
 
-Transform = Callable[[np.ndarray], np.ndarray]
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one HF tensor becomes a switchmoe array (``to_ours``) and back (``to_hf``)."""
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-def _linear(w_OxI: np.ndarray) -> np.ndarray:
-  return w_OxI.T
+SAME = Layout(np.asarray, np.asarray)
+LINEAR = Layout(lambda w_OxI: w_OxI.T, lambda w_IxO: w_IxO.T)   # [out, in] <-> [in, out]
 
 
-def _heads_in(heads: int, scale: float = 1.0) -> Transform:
-  """q / k / v weight [H*K, D] -> [D, H, K] (times ``scale``)."""
-  return lambda w: (w.T.reshape(w.shape[1], heads, -1) * scale).astype(np.float32)
+def heads_in(heads: int, scale: float = 1.0) -> Layout:
+  """q / k / v [H*K, D] <-> [D, H, K], times ``scale`` on the way in."""
+  return Layout(lambda w: w.T.reshape(w.shape[1], heads, -1) * np.float32(scale),
+                lambda w_DxHxK: (w_DxHxK / np.float32(scale)).reshape(w_DxHxK.shape[0], -1).T)
 
 
-def _heads_out(heads: int) -> Transform:
-  """o weight [D, H*K] -> [H, K, D]."""
-  return lambda w: w.T.reshape(heads, -1, w.shape[0])
+def heads_out(heads: int) -> Layout:
+  """o [D, H*K] <-> [H, K, D]."""
+  return Layout(lambda w: w.T.reshape(heads, -1, w.shape[0]),
+                lambda w_HxKxD: w_HxKxD.reshape(-1, w_HxKxD.shape[-1]).T)
 
 
 def _is_sparse(layer: int, every: int) -> bool:
   return every > 0 and layer % every == every - 1
 
 
-def _block_names(c: ml_collections.ConfigDict, stack: str, i: int, switch: bool
-                 ) -> Iterator[tuple[str, str, Transform]]:
-  """(HF name, switchmoe path, transform) of one block's tensors; experts as ``{e}``."""
+def _block_names(c: ml_collections.ConfigDict, stack: str, i: int
+                 ) -> Iterator[tuple[str, str, Layout]]:
+  """(HF name, switchmoe path, layout) of one block's tensors; experts as ``{e}``."""
   m = c.model
+  switch = m.moe.every > 0
   hf, ours = f'{stack}.block.{i}.layer', f'{stack}/layers/{i}'
-  attn = {'q': ('query', _heads_in(m.num_heads, math.sqrt(m.d_kv))),
-          'k': ('key', _heads_in(m.num_heads)), 'v': ('value', _heads_in(m.num_heads)),
-          'o': ('out', _heads_out(m.num_heads))}
+  attn = {'q': ('query', heads_in(m.num_heads, math.sqrt(m.d_kv))),
+          'k': ('key', heads_in(m.num_heads)), 'v': ('value', heads_in(m.num_heads)),
+          'o': ('out', heads_out(m.num_heads))}
   parts = [('0', 'SelfAttention', 'self_attn')]
   if stack == 'decoder':
     parts.append(('1', 'EncDecAttention', 'cross_attn'))
   for j, hf_attn, our_attn in parts:
-    for p, (name, transform) in attn.items():
-      yield f'{hf}.{j}.{hf_attn}.{p}.weight', f'{ours}/{our_attn}/{name}', transform
-    yield f'{hf}.{j}.layer_norm.weight', f'{ours}/{our_attn}_norm/scale', np.asarray
+    for p, (name, layout) in attn.items():
+      yield f'{hf}.{j}.{hf_attn}.{p}.weight', f'{ours}/{our_attn}/{name}', layout
+    yield f'{hf}.{j}.layer_norm.weight', f'{ours}/{our_attn}_norm/scale', SAME
   j = str(len(parts))
-  yield f'{hf}.{j}.layer_norm.weight', f'{ours}/ffn_norm/scale', np.asarray
+  yield f'{hf}.{j}.layer_norm.weight', f'{ours}/ffn_norm/scale', SAME
   inputs = (('wi_0', 'wi_gate'), ('wi_1', 'wi')) if m.ffn_activation == 'geglu' else (
       ('wi', 'wi'),)
   if switch and _is_sparse(i, m.moe.every):
-    yield (f'{hf}.{j}.mlp.router.classifier.weight', f'{ours}/ffn/router/kernel', _linear)
+    yield (f'{hf}.{j}.mlp.router.classifier.weight', f'{ours}/ffn/router/kernel', LINEAR)
     for hf_w, our_w in inputs + (('wo', 'wo'),):
       yield (f'{hf}.{j}.mlp.experts.expert_{{e}}.{hf_w}.weight', f'{ours}/ffn/experts/{our_w}',
-             _linear)
+             LINEAR)
   else:
     ffn = 'mlp' if switch else 'DenseReluDense'
     for hf_w, our_w in inputs + (('wo', 'wo'),):
-      yield f'{hf}.{j}.{ffn}.{hf_w}.weight', f'{ours}/ffn/{our_w}', _linear
+      yield f'{hf}.{j}.{ffn}.{hf_w}.weight', f'{ours}/ffn/{our_w}', LINEAR
 
 
-def tensor_names(c: ml_collections.ConfigDict, switch: bool
-                 ) -> list[tuple[str, str, Transform]]:
-  """Every tensor of a HF checkpoint of config ``c``: (HF name, switchmoe path, transform
-  from the HF array to ours). Expert tensors carry ``{e}`` in the HF name; their arrays stack
-  into the leading expert dimension of the switchmoe parameter."""
+def tensor_names(c: ml_collections.ConfigDict) -> list[tuple[str, str, Layout]]:
+  """Every tensor of a HF checkpoint of config ``c`` (a Switch model if ``model.moe.every``
+  > 0, else T5): (HF name, switchmoe path, layout). Expert tensors carry ``{e}`` in the HF
+  name; their arrays stack into the leading expert dimension of the switchmoe parameter."""
   m = c.model
-  names = [('shared.weight', 'embed/embedding', np.asarray)]
+  names = [('shared.weight', 'embed/embedding', SAME)]
   if not m.tie_embeddings:
-    names.append(('lm_head.weight', 'logits_kernel', _linear))
-  for stack, layers in (('encoder', m.num_layers), ('decoder', m.num_decoder_layers)):
+    names.append(('lm_head.weight', 'logits_kernel', LINEAR))
+  for stack, layers in (('encoder', m.num_layers),
+                        ('decoder', m.num_decoder_layers or m.num_layers)):
     names.append((f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
-                  f'{stack}/rel_bias/rel_embedding', np.asarray))
-    names.append((f'{stack}.final_layer_norm.weight', f'{stack}/final_norm/scale', np.asarray))
+                  f'{stack}/rel_bias/rel_embedding', SAME))
+    names.append((f'{stack}.final_layer_norm.weight', f'{stack}/final_norm/scale', SAME))
     for i in range(layers):
-      names.extend(_block_names(c, stack, i, switch))
+      names.extend(_block_names(c, stack, i))
   return names
 
 
@@ -241,7 +251,7 @@ def tensor_names(c: ml_collections.ConfigDict, switch: bool
 _TIED_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
 
 
-def hf_params(folder: str, c: ml_collections.ConfigDict, switch: bool,
+def hf_params(folder: str, c: ml_collections.ConfigDict,
               expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
   """{switchmoe path: float32 array} of the folder's tensors, read one at a time.
 
@@ -251,7 +261,7 @@ def hf_params(folder: str, c: ml_collections.ConfigDict, switch: bool,
   tensors = _Tensors(folder)
   available = set(tensors)
   params, used = {}, set()
-  for hf_name, path, transform in tensor_names(c, switch):
+  for hf_name, path, layout in tensor_names(c):
     if path not in expected:
       raise ValueError(f'{folder}: {hf_name} maps to {path}, which this model lacks')
     if '{e}' in hf_name:
@@ -264,7 +274,7 @@ def hf_params(folder: str, c: ml_collections.ConfigDict, switch: bool,
         name = 'shared.weight'  # unscaled output through the input embedding, as HF does
       if name not in available:
         raise ValueError(f'{folder}: lacks tensor {name} (for {path})')
-      arrays.append(transform(tensors.read(name)))
+      arrays.append(layout.to_ours(tensors.read(name)))
       used.add(name)
     array = np.stack(arrays) if '{e}' in hf_name else arrays[0]
     if array.shape != tuple(expected[path]):
@@ -305,8 +315,7 @@ def load_hf_params(folder: str) -> tuple[dict, ml_collections.ConfigDict]:
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0)))))
   flat = traverse_util.flatten_dict(abstract)
   path_of = {'/'.join(map(str, key)): key for key in flat}
-  params = hf_params(folder, config, hf['model_type'] == 'switch_transformers',
-                     {path: flat[key].shape for path, key in path_of.items()})
+  params = hf_params(folder, config, {path: flat[key].shape for path, key in path_of.items()})
   return traverse_util.unflatten_dict({path_of[p]: v for p, v in params.items()}), config
 
 
@@ -324,6 +333,105 @@ def load_hf(folder: str) -> tuple[TokenModel, ml_collections.ConfigDict]:
       lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, params)
   return TokenModel(nnx.merge(graphdef, state)), config
+
+
+def hf_config(c: ml_collections.ConfigDict) -> dict:
+  """The HF ``config.json`` dict of switchmoe config ``c``; ValueError naming the field for a
+  model that HF's SwitchTransformers / T5 cannot express."""
+  m, e = c.model, c.model.moe
+  if m.arch != 'encoder_decoder':
+    raise ValueError(f'model.arch={m.arch!r}: HF SwitchTransformers / T5 are encoder-decoders')
+  gated = m.ffn_activation == 'geglu'
+  out = {'vocab_size': m.vocab_size, 'd_model': m.d_model, 'd_kv': m.d_kv, 'd_ff': m.d_ff,
+         'num_heads': m.num_heads, 'num_layers': m.num_layers,
+         'num_decoder_layers': m.num_decoder_layers or m.num_layers,
+         'relative_attention_num_buckets': m.relative_attention_num_buckets,
+         'relative_attention_max_distance': m.relative_attention_max_distance,
+         'dropout_rate': m.dropout_rate, 'layer_norm_epsilon': 1e-6,
+         'feed_forward_proj': 'gated-gelu' if gated else 'relu', 'is_gated_act': gated,
+         'dense_act_fn': 'gelu_new' if gated else 'relu',
+         'tie_word_embeddings': m.tie_embeddings, 'is_encoder_decoder': True,
+         'pad_token_id': 0, 'eos_token_id': 1, 'decoder_start_token_id': 0}
+  if e.every == 0:
+    return {'model_type': 't5', 'architectures': ['T5ForConditionalGeneration'], **out}
+  for name, ok, allowed in (
+      ('every', e.every in (1, 2), '1 or 2'),
+      ('group_size', e.group_size == 0, '0 (HF routes each sequence as one group)'),
+      ('expert_capacity', e.expert_capacity > 0, '> 0 (HF has a fixed capacity)'),
+      ('router', e.router == 'switch', "'switch'"),
+      ('num_shared_experts', e.num_shared_experts == 0, '0'),
+      ('bias_update_rate', e.bias_update_rate == 0, '0'),
+      ('dispatch', e.dispatch != 'dropless', "'einsum' or 'gather'")):
+    if not ok:
+      raise ValueError(f'model.moe.{name}={e[name]!r}: HF SwitchTransformers cannot express '
+                       f'it; allowed: {allowed}')
+  if gated:
+    raise ValueError("model.ffn_activation='geglu': HF SwitchTransformers experts are not "
+                     "gated; allowed: 'relu'")
+  layers = {'encoder': out['num_layers'], 'decoder': out['num_decoder_layers']}
+  return {'model_type': 'switch_transformers',
+          'architectures': ['SwitchTransformersForConditionalGeneration'], **out,
+          'num_experts': e.num_experts, 'expert_capacity': e.expert_capacity,
+          **{f'{stack}_sparse_step': e.every for stack in layers},
+          **{f'num_sparse_{stack}_layers': n // e.every for stack, n in layers.items()},
+          'router_bias': False, 'router_dtype': 'float32', 'router_ignore_padding_tokens': False,
+          'router_jitter_noise': e.jitter if e.exploration == 'input_jitter' else 0.0,
+          'router_z_loss_coef': e.router_z_loss, 'router_aux_loss_coef': e.load_balance_loss}
+
+
+def save_hf(params: dict, c: ml_collections.ConfigDict, folder: str) -> int:
+  """Writes ``params`` (a pure dict of switchmoe's tree) of config ``c`` as a HF folder:
+  ``config.json`` and ``model.safetensors`` (plus ``spiece.model`` if ``data.tokenizer`` is
+  one). Returns the number of tensors. ValueError, and nothing written, for an existing
+  ``folder``, a model HF cannot express or a parameter with no HF tensor."""
+  from flax import traverse_util
+  from safetensors.numpy import save_file
+  folder = os.path.abspath(os.path.expanduser(folder))
+  if os.path.exists(folder):
+    raise ValueError(f'{folder}: exists; allowed: a new folder')
+  config = hf_config(c)
+  flat = {'/'.join(map(str, k)): np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(params).items()}
+  tensors, used = {}, set()
+  for hf_name, path, layout in tensor_names(c):
+    if path not in flat:
+      raise ValueError(f'{path}: missing from the parameters (needed for {hf_name})')
+    used.add(path)
+    if '{e}' in hf_name:
+      for i, w in enumerate(flat[path]):
+        tensors[hf_name.format(e=i)] = layout.to_hf(w)
+    else:
+      tensors[hf_name] = layout.to_hf(flat[path])
+  if config['model_type'] == 'switch_transformers' and not c.model.tie_embeddings:
+    for name in _TIED_COPIES:  # transformers 5 ties nothing in an untied Switch model
+      tensors[name] = tensors['shared.weight']
+  unused = sorted(set(flat) - used)
+  if unused:
+    raise ValueError(f'{unused[0]}: no HF SwitchTransformers / T5 tensor holds it')
+  os.makedirs(folder)
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            os.path.join(folder, _SINGLE), metadata={'format': 'pt'})
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  if c.data.tokenizer.endswith('.model') and os.path.isfile(c.data.tokenizer):
+    shutil.copy(c.data.tokenizer, os.path.join(folder, 'spiece.model'))
+  return len(tensors)
+
+
+def checkpoint_to_hf(path: str, folder: str) -> int:
+  """`save_hf` of a run folder (latest step), checkpoint step or export; returns the number
+  of tensors written."""
+  import jax
+  from switchmoe import checkpoint as checkpoint_lib
+  from switchmoe import config as config_lib
+  from switchmoe import train
+  c = checkpoint_lib.find_config(path)
+  config_lib.validate(c)
+  hf_config(c)  # refuse before compiling anything
+  s = train.make_setup(c, jax.devices()[:1])
+  with train.mesh_context(s):
+    params, _ = checkpoint_lib.load_params(path, s.abstract_state['params'])
+  return save_hf(jax.device_get(params), c, folder)
 
 
 class TokenModel:

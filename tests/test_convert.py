@@ -176,3 +176,55 @@ def test_cli_bad_folder_exits_2_and_writes_nothing(tmp_path):
   assert done.stderr.strip().splitlines() == [
       f"error: {folder}/config.json: model_type='bart'; allowed: 'switch_transformers', 't5'"]
   assert not os.path.exists(out)
+
+
+ROUND_TRIP = ['switch_step2', 'switch_step1_3_shards', 'switch_untied', 't5_1.0_2_shards',
+              't5_1.1']
+
+
+@pytest.mark.parametrize('case', ROUND_TRIP)
+def test_save_hf_writes_back_the_same_tensors(case, tmp_path):
+  config, shards, _ = CASES[case]
+  weights = hf.write_hf_checkpoint(str(tmp_path / 'in'), config, seed=5, shards=shards)
+  params, c = convert.load_hf_params(str(tmp_path / 'in'))
+  count = convert.save_hf(params, c, str(tmp_path / 'out'))
+  saved_config, saved = hf.read_hf_checkpoint(str(tmp_path / 'out'))
+  assert count == len(saved) and sorted(saved) == sorted(weights)
+  for name, w in weights.items():  # sqrt(d_kv) = 2 scales q exactly: bit for bit
+    np.testing.assert_array_equal(saved[name], w, err_msg=name)
+  enc, dec = tokens(config['vocab_size'], seed=2)
+  np.testing.assert_array_equal(hf.hf_forward(saved_config, saved, enc, dec),
+                                hf.hf_forward(config, weights, enc, dec))
+  assert convert.config_from_hf(saved_config).to_json() == c.to_json()
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.moe.group_size', 256, r'model\.moe\.group_size=256: HF SwitchTransformers cannot '
+                                  r'express it; allowed: 0'),
+    ('model.moe.expert_capacity', 0, r'model\.moe\.expert_capacity=0: .*allowed: > 0'),
+    ('model.moe.router', 'topk', r"model\.moe\.router='topk'"),
+    ('model.arch', 'decoder', r"model\.arch='decoder'"),
+])
+def test_save_hf_refuses_what_hf_cannot_express(field, value, message, tmp_path):
+  params, c = convert.load_hf_params(_write(tmp_path))
+  section, *rest = field.split('.')
+  node = c[section]
+  for key in rest[:-1]:
+    node = node[key]
+  node[rest[-1]] = value
+  with pytest.raises(ValueError, match=message):
+    convert.save_hf(params, c, str(tmp_path / 'out'))
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def test_cli_round_trip_from_an_export(tmp_path):
+  folder, out, back = _write(tmp_path, seed=7), str(tmp_path / 'out'), str(tmp_path / 'back')
+  assert _cli(f'--hf_dir={folder}', f'--out={out}').returncode == 0
+  done = _cli(f'--checkpoint={out}', f'--hf_out={back}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  _, original = hf.read_hf_checkpoint(folder)
+  _, saved = hf.read_hf_checkpoint(back)
+  assert sorted(saved) == sorted(original)
+  for name in original:
+    np.testing.assert_array_equal(saved[name], original[name], err_msg=name)
+  assert _cli(f'--checkpoint={out}').returncode == 2
