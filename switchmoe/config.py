@@ -100,7 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.nonfinite = 'skip'         # non-finite loss or gradients: 'skip' the update, or 'stop'
   t.max_skipped_steps = 20     # 'skip': stop the run (exit 1) after this many in a row
   t.init_from = ''             # fine-tune: a run folder, checkpoint step or export to load
-  t.init_from_params = 'all'   # which of its params: 'all', 'non_expert', or a path regex
+  t.init_from_params = 'all'   # which of its params: 'all', 'non_expert', a path regex, or
+                               # 'upcycle': a dense model's FFNs copied into every expert
   t.profile_steps = 0          # trace this many steps after the first into workdir/profile
   t.peak_flops = 0.0           # per-device peak FLOP/s for MFU; 0 = by device kind
 
@@ -285,12 +286,16 @@ def _validate_training(c: ml_collections.ConfigDict) -> None:
                            ('optim.grad_clip', o.grad_clip, 0),
                            ('model.num_decoder_layers', c.model.num_decoder_layers, 0)):
     _at_least(name, value, low)
-  if t.init_from_params not in ('all', 'non_expert'):
+  if t.init_from_params == 'upcycle' and not (t.init_from and c.model.moe.every > 0):
+    raise ValueError("train.init_from_params='upcycle': copies a dense model's FFNs into the "
+                     'experts of a Switch model; needs train.init_from (the dense model) and '
+                     'model.moe.every > 0')
+  if t.init_from_params not in ('all', 'non_expert', 'upcycle'):
     try:
       re.compile(t.init_from_params)
     except re.error as err:
       raise ValueError(f'train.init_from_params={t.init_from_params!r}: bad regex ({err}); '
-                       "allowed: 'all', 'non_expert' or a regular expression") from None
+                       "allowed: 'all', 'non_expert', 'upcycle' or a regular expression") from None
   if not all(isinstance(s, int) and not isinstance(s, bool) for s in c.mesh.shape):
     raise ValueError(f'mesh.shape={tuple(c.mesh.shape)!r}: entries must be ints; allowed: '
                      'positive sizes and at most one -1')

@@ -417,6 +417,44 @@ def perf_metrics(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return out
 
 
+_EXPERT_WEIGHT = re.compile(r'(.*)/ffn/experts/(wi|wi_gate|wo)')
+
+
+def upcycle(s: Setup, params: dict, path: str) -> tuple[dict, list[str]]:
+  """Sparse upcycling (Komatsuzaki et al. 2022) of a fresh Switch model's ``params`` from the
+  dense model at ``path`` (a run folder, step or export of this config with
+  ``model.moe.every=0``, trained here or converted).
+
+  Every parameter the dense model has is loaded as it is; every expert of a Switch layer
+  starts as a copy of that layer's dense FFN; routers, shared experts and expert biases keep
+  their fresh init. Returns (params, the names filled from ``path``).
+  """
+  dense_config = s.config.copy_and_resolve_references()
+  dense_config.model.moe.every = 0
+  dense_state = nnx.state(nnx.eval_shape(
+      lambda: LanguageModel(dense_config.model, rngs=nnx.Rngs(0))))
+  target = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+      nnx.to_pure_dict(dense_state), sharding.state_shardings(dense_state, s.mesh, s.rules))
+  dense, _ = checkpoint_lib.load_params(path, target)
+  dense = {checkpoint_lib.path_name(p): x
+           for p, x in jax.tree_util.tree_flatten_with_path(dense)[0]}
+  filled = []
+
+  def fill(key_path, x):
+    name = checkpoint_lib.path_name(key_path)
+    expert = _EXPERT_WEIGHT.fullmatch(name)
+    source = f'{expert[1]}/ffn/{expert[2]}' if expert else name
+    if source not in dense:
+      return x
+    filled.append(name)
+    copies = jax.jit(lambda w: jnp.broadcast_to(w, x.shape).astype(x.dtype),
+                     out_shardings=x.sharding)
+    return copies(dense[source])
+
+  return jax.tree_util.tree_map_with_path(fill, params), sorted(filled)
+
+
 def restore_or_init(s: Setup, checkpointer: Checkpointer, data_iter, lead: bool
                     ) -> tuple[State, int]:
   """(state, step): the workdir's newest checkpoint that restores, else a fresh init (plus
@@ -430,7 +468,12 @@ def restore_or_init(s: Setup, checkpointer: Checkpointer, data_iter, lead: bool
       print(f'Resumed from {checkpointer.directory}/{start}', flush=True)
     return state, start
   state = s.init(jax.random.key(config.seed))
-  if config.train.init_from:
+  if config.train.init_from_params == 'upcycle':
+    state['params'], names = upcycle(s, state['params'], config.train.init_from)
+    if lead:
+      print(f'Upcycled {len(names)} of {len(jax.tree.leaves(state["params"]))} parameter '
+            f'arrays from the dense model {config.train.init_from}', flush=True)
+  elif config.train.init_from:
     # A model trained without expert biases starts its own at zero.
     state['params'], names = checkpoint_lib.load_params(
         config.train.init_from, state['params'], param_filter(config.train.init_from_params),
