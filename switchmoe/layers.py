@@ -110,9 +110,12 @@ class RelativePositionBias(nnx.Module):
     self.num_buckets, self.max_distance = num_buckets, max_distance
     self.bidirectional = bidirectional
 
-  def __call__(self, query_len: int, key_len: int) -> jax.Array:
-    """Returns bias_1xHxLxK (float32)."""
-    relative = jnp.arange(key_len)[None, :] - jnp.arange(query_len)[:, None]
+  def __call__(self, query_len: int, key_len: int, query_start: int | jax.Array = 0
+               ) -> jax.Array:
+    """Returns bias_1xHxLxK (float32) of queries at positions query_start, query_start + 1,
+    ... (a decoding step: one query at its position) against keys 0 .. key_len - 1."""
+    relative = (jnp.arange(key_len)[None, :] -
+                (query_start + jnp.arange(query_len))[:, None])
     buckets_LxK = relative_position_bucket(relative, bidirectional=self.bidirectional,
                                            num_buckets=self.num_buckets,
                                            max_distance=self.max_distance)
@@ -132,13 +135,18 @@ class Attention(nnx.Module):
                           init_scale, in_axis=(0, 1), out_axis=2)
     self.dropout_rate, self.dtype = dropout_rate, dtype
 
-  def __call__(self, x_BxLxD: jax.Array, kv_BxKxD: jax.Array, mask_Bx1xLxK: jax.Array,
-               bias_1xHxLxK: jax.Array | None, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> jax.Array:
+  def project_kv(self, kv_BxKxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(k_BxKxHxDk, v_BxKxHxDk) of the keys' inputs: what a decoding cache holds."""
+    cast = lambda p: p[...].astype(self.dtype)
+    return (jnp.einsum('bld,dhk->blhk', kv_BxKxD, cast(self.key)),
+            jnp.einsum('bld,dhk->blhk', kv_BxKxD, cast(self.value)))
+
+  def attend(self, x_BxLxD: jax.Array, k_BxKxHxDk: jax.Array, v_BxKxHxDk: jax.Array,
+             mask_Bx1xLxK: jax.Array, bias_1xHxLxK: jax.Array | None, *, deterministic: bool,
+             rngs: nnx.Rngs | None) -> jax.Array:
+    """Queries from x_BxLxD against projected keys and values."""
     cast = lambda p: p[...].astype(self.dtype)
     q_BxLxHxDk = jnp.einsum('bld,dhk->blhk', x_BxLxD, cast(self.query))
-    k_BxKxHxDk = jnp.einsum('bld,dhk->blhk', kv_BxKxD, cast(self.key))
-    v_BxKxHxDk = jnp.einsum('bld,dhk->blhk', kv_BxKxD, cast(self.value))
     q_BxLxHxDk = constrain(q_BxLxHxDk, ('batch', 'length', 'heads', 'kv'))
     logits_BxHxLxK = jnp.einsum('blhk,bmhk->bhlm', q_BxLxHxDk, k_BxKxHxDk,
                                 preferred_element_type=jnp.float32)
@@ -151,6 +159,12 @@ class Attention(nnx.Module):
     out_BxLxHxDk = jnp.einsum('bhlm,bmhk->blhk', probs_BxHxLxK, v_BxKxHxDk)
     out_BxLxD = jnp.einsum('blhk,hkd->bld', out_BxLxHxDk, cast(self.out))
     return constrain(out_BxLxD, ('batch', 'length', 'embed'))
+
+  def __call__(self, x_BxLxD: jax.Array, kv_BxKxD: jax.Array, mask_Bx1xLxK: jax.Array,
+               bias_1xHxLxK: jax.Array | None, *, deterministic: bool,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    return self.attend(x_BxLxD, *self.project_kv(kv_BxKxD), mask_Bx1xLxK, bias_1xHxLxK,
+                       deterministic=deterministic, rngs=rngs)
 
 
 ACTIVATIONS = ('relu', 'geglu')

@@ -75,6 +75,31 @@ class Block(nnx.Module):
     return x_BxLxD, stats
 
 
+  def decode(self, x_Bx1xD, cache_kv, position, *, self_bias, cross_kv=None,
+             cross_mask=None):
+    """One decoding step of a causal block at ``position`` (int, traced): x_Bx1xD is that
+    position's input, ``cache_kv`` its (k_BxTxHxDk, v_BxTxHxDk) self-attention cache, whose
+    entry at ``position`` this step writes. ``cross_kv``: the projected encoder output.
+    Returns (x_Bx1xD, the updated cache). Deterministic."""
+    h = self.self_attn_norm(x_Bx1xD)
+    k_new, v_new = self.self_attn.project_kv(h)
+    k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), position, axis=1)
+            for c, new in zip(cache_kv, (k_new, v_new)))
+    mask_1x1x1xT = (jnp.arange(k.shape[1]) <= position)[None, None, None, :]
+    x_Bx1xD = x_Bx1xD + self.self_attn.attend(h, k, v, mask_1x1x1xT, self_bias,
+                                              deterministic=True, rngs=None)
+    if self.cross_attn is not None:
+      h = self.cross_attn_norm(x_Bx1xD)
+      x_Bx1xD = x_Bx1xD + self.cross_attn.attend(h, *cross_kv, cross_mask, None,
+                                                 deterministic=True, rngs=None)
+    h = self.ffn_norm(x_Bx1xD)
+    if self.is_moe:
+      y = self.ffn(h, deterministic=True, rngs=None, decoding=True)[0]
+    else:
+      y = self.ffn(h, deterministic=True, rngs=None)
+    return x_Bx1xD + y, (k, v)
+
+
 class Stack(nnx.Module):
   """Encoder (bidirectional) or decoder (causal, optionally cross-attending) layer stack."""
 
@@ -115,6 +140,19 @@ class Stack(nnx.Module):
     """(aux name, layer) of each Switch layer, named as in the ``aux`` that a call returns."""
     return [(_aux_name(name, i), layer.ffn) for i, layer in enumerate(self.layers)
             if layer.is_moe]
+
+
+  def decode(self, x_Bx1xD, caches, position, *, cross_kvs=None, cross_mask=None):
+    """One decoding step of a causal stack (see `Block.decode`); ``caches`` and
+    ``cross_kvs`` hold one entry per layer. Returns (x_Bx1xD after the final norm, caches)."""
+    bias_1xHx1xT = self.rel_bias(1, caches[0][0].shape[1], position)
+    new_caches = []
+    for i, layer in enumerate(self.layers):
+      x_Bx1xD, cache = layer.decode(x_Bx1xD, caches[i], position, self_bias=bias_1xHx1xT,
+                                    cross_kv=None if cross_kvs is None else cross_kvs[i],
+                                    cross_mask=cross_mask)
+      new_caches.append(cache)
+    return self.final_norm(x_Bx1xD), new_caches
 
 
 def _aux_name(stack: str, index: int) -> str:
@@ -211,13 +249,24 @@ class LanguageModel(nnx.Module):
                                  prefix_BxL=batch.get('decoder_causal_attention')),
         encoded=encoded, cross_mask=cross_mask, name='decoder', deterministic=deterministic,
         rngs=rngs)
+    return self.logits(x_BxLtxD), {**aux, **decoder_aux}
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """logits_BxLxV (float32) of the decoder's output."""
     if self.logits_kernel is None:
       # Tied embeddings: rescale as T5 does, since the embedding was drawn with std ~ 1.
-      logits = self.embed.attend(x_BxLtxD) / jnp.sqrt(self.d_model).astype(self.dtype)
+      logits = self.embed.attend(x_BxLxD) / jnp.sqrt(self.d_model).astype(self.dtype)
     else:
-      logits = jnp.einsum('bld,dv->blv', x_BxLtxD, self.logits_kernel[...].astype(self.dtype))
-    logits = constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
-    return logits, {**aux, **decoder_aux}
+      logits = jnp.einsum('bld,dv->blv', x_BxLxD, self.logits_kernel[...].astype(self.dtype))
+    return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+  def encode(self, encoder_tokens_BxL: jax.Array) -> jax.Array:
+    """The encoder's output encoded_BxLxD (deterministic; 0 tokens are padding)."""
+    segments_BxL = (encoder_tokens_BxL > 0).astype(jnp.int32)
+    encoded, _ = self.encoder(self.embed(encoder_tokens_BxL), valid_BxL=segments_BxL > 0,
+                              self_mask=attention_mask(segments_BxL, segments_BxL),
+                              name='encoder', deterministic=True, rngs=None)
+    return encoded
 
   def balance_experts(self, aux: dict[str, MoeStats], rate: float | jax.Array) -> None:
     """Aux-loss-free balancing, once per training step: every Switch layer's expert bias takes

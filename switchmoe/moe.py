@@ -248,11 +248,19 @@ class MoeLayer(nnx.Module):
     return self.experts(x, deterministic=deterministic, rngs=rngs, group_sizes_E=group_sizes_E)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
-               valid_BxL: jax.Array | None = None) -> tuple[jax.Array, MoeStats]:
+               valid_BxL: jax.Array | None = None, decoding: bool = False
+               ) -> tuple[jax.Array, MoeStats]:
+    """``decoding``: each token is its own routing group with at least one slot per expert,
+    so a decoding step drops nothing; its outputs equal a full forward pass's wherever that
+    pass (groups of many tokens, capacity from the config) drops nothing either."""
     c = self.cfg
     b, l, d = x_BxLxD.shape
-    g, s = routing_groups(b, l, c.group_size)
-    capacity = self.capacity(s, deterministic)
+    if decoding:
+      g, s = b * l, 1
+      capacity = max(1, self.capacity(1, deterministic))
+    else:
+      g, s = routing_groups(b, l, c.group_size)
+      capacity = self.capacity(s, deterministic)
     valid_BxL = routing.real_tokens(valid_BxL, (b, l))
     valid_GxS = valid_BxL.reshape(g, s)
     x_GxSxD = constrain(x_BxLxD.reshape(g, s, d), ('batch', None, 'embed'))

@@ -145,6 +145,7 @@ def test_readme_commands_run_as_written(data_dir, corpus, compile_cache, tmp_pat
   assert [e['step'] for e in evaluations] == [300, 300]
   assert all(e['eval/ce'] > 0 for e in evaluations)
   assert (tmp_path / 'exports' / 'switch_tiny' / 'params').is_dir()
+  assert output_of('generate.py')[0].startswith('The <extra_id_0> walks in <extra_id_1> park -> ')
   assert os.path.getsize(tmp_path / 'curves.png') > 10_000
   assert (tmp_path / 'spm' / 'stdlib8k.model').is_file()
   # A fresh clone stays clean: git ignores whatever the commands wrote.
