@@ -104,6 +104,7 @@ def test_a_switch_layer_drops_nothing_while_decoding():
   assert float(stats.diagnostics['dropped_fraction']) == 0.0
 
 
+@pytest.mark.slow  # test_readme runs generate.py as the README writes it
 def test_generate_script_fills_spans_and_refuses_bad_input(tmp_path):
   import subprocess
   import sys

@@ -79,6 +79,7 @@ def test_a_switch_layer_at_step_0_is_its_gate_times_the_dense_ffn(dense_export):
         x, deterministic=True, rngs=None)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a real run of each: the upcycling itself is tested above
 def test_training_from_a_dense_run(data_dir, corpus, compile_cache, tmp_path, capsys):
   dense = run_config(data_dir, 2)
   dense.model.moe.every = 0
