@@ -7,7 +7,8 @@ PATH is a run folder (its latest checkpoint), a ``checkpoints/<step>`` folder or
 input (``<extra_id_i>`` marks span i to fill, as in span corruption, padded to
 ``data.inputs_length``) and prints what its decoder writes; a decoder-only model continues
 each text. ``--temperature`` 0 (default) is greedy; above 0 it samples, optionally from the
-``--top_k`` most likely tokens or the ``--top_p`` nucleus. Any ``--config.a.b=v`` overrides the
+``--top_k`` most likely tokens or the ``--top_p`` nucleus. ``--beams`` > 1 is beam search
+(``--length_alpha``: GNMT length penalty). Any ``--config.a.b=v`` overrides the
 stored config. One line per text: ``<text> -> <output>``.
 """
 
@@ -34,7 +35,8 @@ def encode(tokenizer, text: str) -> np.ndarray:
 
 
 def generate_texts(path: str, texts: list[str], overrides: list[str], *, max_new_tokens: int,
-                   temperature: float, top_k: int, top_p: float, seed: int) -> list[str]:
+                   temperature: float, top_k: int, top_p: float, seed: int, beams: int = 1,
+                   length_alpha: float = 0.0) -> list[str]:
   import jax
   from flax import nnx
   from switchmoe import decode, token_routing, train
@@ -53,9 +55,14 @@ def generate_texts(path: str, texts: list[str], overrides: list[str], *, max_new
         feed = {'encoder_tokens_BxL': np.pad(ids, (0, length - len(ids)))[None]}
       else:
         feed = {'prompt_BxP': ids[None]}
-      tokens, _ = decode.generate(
-          model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-          top_p=top_p, key=jax.random.key(seed + i), eos_id=tokenizer.eos_id, **feed)
+      if beams > 1:
+        tokens, _ = decode.beam_search(model, max_new_tokens=max_new_tokens, beams=beams,
+                                       length_alpha=length_alpha, eos_id=tokenizer.eos_id,
+                                       **feed)
+      else:
+        tokens, _ = decode.generate(
+            model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, key=jax.random.key(seed + i), eos_id=tokenizer.eos_id, **feed)
       outputs.append(tokenizer.decode(np.asarray(tokens[0])))
   return outputs
 
@@ -69,17 +76,25 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--top_k', type=int, default=0)
   parser.add_argument('--top_p', type=float, default=1.0)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--beams', type=int, default=1)
+  parser.add_argument('--length_alpha', type=float, default=0.0)
   args, overrides = parser.parse_known_args(argv)
   try:
     for name, value, ok in (('--max_new_tokens', args.max_new_tokens, args.max_new_tokens >= 1),
                             ('--temperature', args.temperature, args.temperature >= 0),
                             ('--top_k', args.top_k, args.top_k >= 0),
-                            ('--top_p', args.top_p, 0 < args.top_p <= 1)):
+                            ('--top_p', args.top_p, 0 < args.top_p <= 1),
+                            ('--beams', args.beams, args.beams >= 1),
+                            ('--length_alpha', args.length_alpha, args.length_alpha >= 0)):
       if not ok:
         raise ValueError(f'{name}={value}: out of range')
+    if args.beams > 1 and args.temperature > 0:
+      raise ValueError(f'--beams={args.beams}: beam search does not sample; allowed: '
+                       '--temperature=0 with --beams > 1')
     outputs = generate_texts(args.checkpoint, args.text, overrides,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             beams=args.beams, length_alpha=args.length_alpha)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

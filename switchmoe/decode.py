@@ -1,6 +1,6 @@
 """Autoregressive decoding with a key/value cache: greedy and temperature / top-k / top-p
-sampling, for encoder-decoder and decoder-only `LanguageModel`s, batched, compiled once per
-shape.
+sampling (`generate`) and beam search (`beam_search`), for encoder-decoder and decoder-only
+`LanguageModel`s, batched, compiled once per shape.
 
 Each step feeds one token per row through the decoder (`model.Stack.decode`): its keys and
 values are written into a per-layer cache [B, T, H, Dk] at its position, the relative
@@ -106,3 +106,80 @@ def generate(model: LanguageModel, *, encoder_tokens_BxL: jax.Array | None = Non
            jnp.zeros((rows, n), jnp.int32), jnp.zeros((rows, n, vocab), jnp.float32))
   _, _, _, tokens_BxN, logits_BxNxV = jax.lax.fori_loop(0, total, step, carry)
   return tokens_BxN, logits_BxNxV
+
+
+def _length_penalty(length, alpha: float):
+  """GNMT's ((5 + length) / 6) ** alpha; 1 at alpha 0."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+@functools.partial(nnx.jit, static_argnames=('max_new_tokens', 'beams', 'length_alpha',
+                                             'eos_id'))
+def beam_search(model: LanguageModel, *, encoder_tokens_BxL: jax.Array | None = None,
+                prompt_BxP: jax.Array | None = None, max_new_tokens: int, beams: int,
+                length_alpha: float = 0.0, eos_id: int = EOS_ID
+                ) -> tuple[jax.Array, jax.Array]:
+  """(tokens_BxN of each row's best beam, its score_B) by beam search over ``beams``
+  hypotheses per row, with the same cache and inputs as `generate`.
+
+  A hypothesis scores the sum of its tokens' log-probabilities; one that has emitted
+  ``eos_id`` is finished: it keeps its score and emits 0 after. The best final hypothesis
+  maximises score / ((5 + length) / 6) ** length_alpha (GNMT), length counting tokens up to
+  and including EOS. With one beam this is greedy decoding.
+  """
+  if (encoder_tokens_BxL is None) != (model.encoder is None):
+    raise ValueError('beam_search: encoder_tokens_BxL goes with an encoder-decoder model, '
+                     'and only with one')
+  rows = (encoder_tokens_BxL if prompt_BxP is None else prompt_BxP).shape[0]
+  k, n = beams, max_new_tokens
+  prompt_BxP = jnp.zeros((rows, 0), jnp.int32) if prompt_BxP is None else prompt_BxP
+  p = prompt_BxP.shape[1]
+  tile = lambda a: jnp.repeat(a, k, axis=0)   # [B, ...] -> [B*K, ...], beams of a row adjacent
+  cross_kvs = cross_mask = None
+  if model.encoder is not None:
+    encoded = tile(model.encode(encoder_tokens_BxL))
+    cross_kvs = [layer.cross_attn.project_kv(encoded) for layer in model.decoder.layers]
+    cross_mask = tile(encoder_tokens_BxL > 0)[:, None, None, :]
+  attn = model.decoder.layers[0].self_attn
+  caches = [(jnp.zeros((rows * k, p + n, attn.query.shape[1], attn.query.shape[2]),
+                       model.dtype),) * 2 for _ in model.decoder.layers]
+  vocab = model.embed.embedding.shape[0]
+  prompt = tile(prompt_BxP)
+
+  def step(t, carry):
+    token_R, caches, score_BxK, done_BxK, length_BxK, tokens_BxKxN = carry   # R = B*K
+    x_Rx1xD, caches = model.decoder.decode(model.embed(token_R[:, None]), caches, t,
+                                           cross_kvs=cross_kvs, cross_mask=cross_mask)
+    logp_BxKxV = jax.nn.log_softmax(model.logits(x_Rx1xD)[:, 0]).reshape(rows, k, vocab)
+    # A finished hypothesis extends only by 0, at no cost.
+    finished_V = jnp.full((vocab,), -jnp.inf).at[0].set(0.0)
+    logp_BxKxV = jnp.where(done_BxK[..., None], finished_V, logp_BxKxV)
+    total_BxKV = (score_BxK[..., None] + logp_BxKxV).reshape(rows, k * vocab)
+    best_BxK, flat_BxK = jax.lax.top_k(total_BxKV, k)
+    parent_BxK, chosen_BxK = flat_BxK // vocab, (flat_BxK % vocab).astype(jnp.int32)
+    generating = t >= p
+    keep = lambda new, old: jnp.where(generating, new, old)
+    parent_BxK = keep(parent_BxK, jnp.broadcast_to(jnp.arange(k), (rows, k)))
+    gather = lambda a_BxK: jnp.take_along_axis(a_BxK, parent_BxK, axis=1)
+    index_R = (jnp.arange(rows)[:, None] * k + parent_BxK).reshape(-1)
+    caches = [(kc[index_R], vc[index_R]) for kc, vc in caches]
+    was_done = gather(done_BxK)
+    tokens_BxKxN = jnp.take_along_axis(tokens_BxKxN, parent_BxK[..., None], axis=1)
+    index = jnp.maximum(t - p, 0)
+    tokens_BxKxN = keep(tokens_BxKxN.at[:, :, index].set(chosen_BxK), tokens_BxKxN)
+    score_BxK = keep(best_BxK, score_BxK)
+    length_BxK = keep(gather(length_BxK) + (~was_done).astype(jnp.int32), length_BxK)
+    done_BxK = keep(was_done | (chosen_BxK == eos_id), done_BxK)
+    next_R = jnp.where(t < p, prompt[:, jnp.minimum(t, max(p - 1, 0))] if p else 0,
+                       chosen_BxK.reshape(-1))
+    return next_R, caches, score_BxK, done_BxK, length_BxK, tokens_BxKxN
+
+  # Only the first beam of a row is live at first: the others would repeat it.
+  score_BxK = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (rows, 1))
+  carry = (jnp.zeros((rows * k,), jnp.int32), caches, score_BxK, jnp.zeros((rows, k), bool),
+           jnp.zeros((rows, k), jnp.int32), jnp.zeros((rows, k, n), jnp.int32))
+  _, _, score_BxK, _, length_BxK, tokens_BxKxN = jax.lax.fori_loop(0, p + n, step, carry)
+  final_BxK = score_BxK / _length_penalty(length_BxK.astype(jnp.float32), length_alpha)
+  best_B = jnp.argmax(final_BxK, axis=1)
+  tokens_BxN = jnp.take_along_axis(tokens_BxKxN, best_B[:, None, None], axis=1)[:, 0]
+  return tokens_BxN, jnp.take_along_axis(score_BxK, best_B[:, None], axis=1)[:, 0]

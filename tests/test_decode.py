@@ -127,6 +127,8 @@ def test_generate_script_fills_spans_and_refuses_bad_input(tmp_path):
   bad = run(f'--checkpoint={tmp_path}/none', '--text=a')
   assert bad.returncode == 2 and bad.stderr.startswith('error: ') and bad.stderr.count('\n') == 1
   assert run(f'--checkpoint={export}', '--text=a', '--top_p=0').returncode == 2
+  beam = run(f'--checkpoint={export}', '--text=a', '--beams=2', '--max_new_tokens=3')
+  assert beam.returncode == 0 and beam.stdout.startswith('a -> '), beam.stderr[-2000:]
 
 
 def test_sentinels_in_text_become_sentinel_ids():
@@ -141,3 +143,54 @@ def test_sentinels_in_text_become_sentinel_ids():
   np.testing.assert_array_equal(ids, np.concatenate([
       tok.encode('a'), [tok.sentinel_id(0)], tok.encode('b'), [tok.sentinel_id(12)]]))
   assert tok.decode(ids) == 'a<extra_id_0>b<extra_id_12>'
+
+
+def reference_beam_search(model, feed, n, k, alpha, eos):
+  """Beam search over uncached, teacher-forced full forward passes, one row at a time."""
+  enc = feed.get('encoder_tokens_BxL')
+  prompt = feed.get('prompt_BxP')
+  rows = (enc if prompt is None else prompt).shape[0]
+  p = 0 if prompt is None else prompt.shape[1]
+
+  @nnx.jit
+  def next_logp(model, row_enc, decoder_in):
+    batch = {'decoder_input_tokens': decoder_in, 'decoder_target_tokens': jnp.ones_like(
+        decoder_in), 'decoder_segment_ids': jnp.ones_like(decoder_in)}
+    if row_enc is not None:
+      batch['encoder_input_tokens'] = row_enc
+    return jax.nn.log_softmax(model(batch, deterministic=True)[0][0])
+
+  best = []
+  for b in range(rows):
+    row_enc = None if enc is None else enc[b:b + 1]
+    start = [0] + ([] if prompt is None else list(np.asarray(prompt[b])))
+    hyps = [([], 0.0, False, 0)]   # tokens, score, finished, length
+    for _ in range(n):
+      candidates = []
+      for tokens, score, done, length in hyps:
+        if done:
+          candidates.append((tokens + [0], score, True, length))
+          continue
+        seq = start + tokens
+        decoder_in = jnp.asarray([seq + [0] * (p + 1 + n - len(seq))], jnp.int32)
+        logp = np.asarray(next_logp(model, row_enc, decoder_in)[len(seq) - 1], np.float64)
+        for v in np.argsort(-logp)[:k]:
+          candidates.append((tokens + [int(v)], score + logp[v], int(v) == eos, length + 1))
+      hyps = sorted(candidates, key=lambda h: -h[1])[:k]
+    best.append(max(hyps, key=lambda h: h[1] / ((5.0 + h[3]) / 6.0) ** alpha))
+  return np.asarray([h[0] for h in best]), np.asarray([h[1] for h in best])
+
+
+@pytest.mark.parametrize('arch,kind', [('encoder_decoder', 'switch'), ('decoder', 'dense')])
+def test_beam_search_equals_beam_search_over_full_forward_passes(arch, kind):
+  model, feed = model_of(arch, kind), inputs(arch, seed=2)
+  greedy, _ = decode.generate(model, max_new_tokens=4, eos_id=-1, **feed)
+  one, _ = decode.beam_search(model, max_new_tokens=4, beams=1, eos_id=-1, **feed)
+  np.testing.assert_array_equal(np.asarray(one), np.asarray(greedy))
+  eos = int(greedy[0, 1])   # some hypotheses finish early
+  for alpha, eos_id in ((0.0, -1), (0.6, eos)):
+    tokens, score = decode.beam_search(model, max_new_tokens=4, beams=3, length_alpha=alpha,
+                                       eos_id=eos_id, **feed)
+    want_tokens, want_score = reference_beam_search(model, feed, 4, 3, alpha, eos_id)
+    np.testing.assert_array_equal(np.asarray(tokens), want_tokens, err_msg=f'alpha={alpha}')
+    np.testing.assert_allclose(np.asarray(score), want_score, rtol=1e-4, atol=1e-4)
