@@ -48,6 +48,29 @@ def choose(logits_BxV: jax.Array, key: jax.Array | None, *, temperature: float, 
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def _start(model: LanguageModel, encoder_tokens_BxL, prompt_BxP, max_new_tokens: int,
+           copies: int = 1):
+  """What both decoders start from: (rows B, prompt_BxP, cross_kvs, cross_mask, caches), with
+  the encoder side and the caches repeated ``copies`` times per row (beams of a row adjacent).
+  Cross-attention keys and values are projected once per decoder layer."""
+  if (encoder_tokens_BxL is None) != (model.encoder is None):
+    raise ValueError('decoding: encoder_tokens_BxL goes with an encoder-decoder model, and '
+                     'only with one')
+  rows = (encoder_tokens_BxL if prompt_BxP is None else prompt_BxP).shape[0]
+  prompt_BxP = jnp.zeros((rows, 0), jnp.int32) if prompt_BxP is None else prompt_BxP
+  tile = lambda a: jnp.repeat(a, copies, axis=0)
+  cross_kvs = cross_mask = None
+  if model.encoder is not None:
+    encoded = tile(model.encode(encoder_tokens_BxL))
+    cross_kvs = [layer.cross_attn.project_kv(encoded) for layer in model.decoder.layers]
+    cross_mask = tile(encoder_tokens_BxL > 0)[:, None, None, :]
+  attn = model.decoder.layers[0].self_attn
+  shape = (rows * copies, prompt_BxP.shape[1] + max_new_tokens, attn.query.shape[1],
+           attn.query.shape[2])
+  caches = [(jnp.zeros(shape, model.dtype),) * 2 for _ in model.decoder.layers]
+  return rows, prompt_BxP, cross_kvs, cross_mask, caches
+
+
 @functools.partial(nnx.jit, static_argnames=('max_new_tokens', 'temperature', 'top_k',
                                              'top_p', 'eos_id'))
 def generate(model: LanguageModel, *, encoder_tokens_BxL: jax.Array | None = None,
@@ -62,24 +85,12 @@ def generate(model: LanguageModel, *, encoder_tokens_BxL: jax.Array | None = Non
   row as long; optional), then generates. A row that emits ``eos_id`` emits 0 after it. ``key``
   is needed when ``temperature`` > 0. The logits are those each new token was chosen from.
   """
-  if (encoder_tokens_BxL is None) != (model.encoder is None):
-    raise ValueError('generate: encoder_tokens_BxL goes with an encoder-decoder model, and '
-                     'only with one')
   if temperature > 0.0 and key is None:
     raise ValueError('generate: temperature > 0 samples, and needs a key')
-  rows = (encoder_tokens_BxL if prompt_BxP is None else prompt_BxP).shape[0]
-  prompt_BxP = jnp.zeros((rows, 0), jnp.int32) if prompt_BxP is None else prompt_BxP
+  rows, prompt_BxP, cross_kvs, cross_mask, caches = _start(model, encoder_tokens_BxL,
+                                                           prompt_BxP, max_new_tokens)
   p, n = prompt_BxP.shape[1], max_new_tokens
   total = p + n
-  cross_kvs = cross_mask = None
-  if model.encoder is not None:
-    encoded_BxLxD = model.encode(encoder_tokens_BxL)
-    cross_kvs = [layer.cross_attn.project_kv(encoded_BxLxD) for layer in model.decoder.layers]
-    cross_mask = (encoder_tokens_BxL > 0)[:, None, None, :]
-  attn = model.decoder.layers[0].self_attn
-  heads, head_dim = attn.query.shape[1], attn.query.shape[2]
-  caches = [(jnp.zeros((rows, total, heads, head_dim), model.dtype),) * 2
-            for _ in model.decoder.layers]
   key = jax.random.key(0) if key is None else key
 
   def step(t, carry):
@@ -127,24 +138,12 @@ def beam_search(model: LanguageModel, *, encoder_tokens_BxL: jax.Array | None = 
   maximises score / ((5 + length) / 6) ** length_alpha (GNMT), length counting tokens up to
   and including EOS. With one beam this is greedy decoding.
   """
-  if (encoder_tokens_BxL is None) != (model.encoder is None):
-    raise ValueError('beam_search: encoder_tokens_BxL goes with an encoder-decoder model, '
-                     'and only with one')
-  rows = (encoder_tokens_BxL if prompt_BxP is None else prompt_BxP).shape[0]
   k, n = beams, max_new_tokens
-  prompt_BxP = jnp.zeros((rows, 0), jnp.int32) if prompt_BxP is None else prompt_BxP
+  rows, prompt_BxP, cross_kvs, cross_mask, caches = _start(model, encoder_tokens_BxL,
+                                                           prompt_BxP, n, copies=k)
   p = prompt_BxP.shape[1]
-  tile = lambda a: jnp.repeat(a, k, axis=0)   # [B, ...] -> [B*K, ...], beams of a row adjacent
-  cross_kvs = cross_mask = None
-  if model.encoder is not None:
-    encoded = tile(model.encode(encoder_tokens_BxL))
-    cross_kvs = [layer.cross_attn.project_kv(encoded) for layer in model.decoder.layers]
-    cross_mask = tile(encoder_tokens_BxL > 0)[:, None, None, :]
-  attn = model.decoder.layers[0].self_attn
-  caches = [(jnp.zeros((rows * k, p + n, attn.query.shape[1], attn.query.shape[2]),
-                       model.dtype),) * 2 for _ in model.decoder.layers]
   vocab = model.embed.embedding.shape[0]
-  prompt = tile(prompt_BxP)
+  prompt = jnp.repeat(prompt_BxP, k, axis=0)
 
   def step(t, carry):
     token_R, caches, score_BxK, done_BxK, length_BxK, tokens_BxKxN = carry   # R = B*K
