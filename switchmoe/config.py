@@ -41,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.relative_attention_max_distance = 128
   m.init_scale = 0.1           # SW §2.3: s = 0.1 instead of 1.0
   m.dtype = 'float32'          # activation dtype; parameters are always float32
+  m.remat = 'none'             # recompute in the backward pass: 'none' | 'full' | 'save_dots'
+                               # (keep unbatched matmul outputs) | 'save_all_dots'
+  m.remat_blocks = 'all'       # which blocks: 'all' | 'moe' (Switch blocks) | 'dense'
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8
@@ -69,6 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.router_input_dropout = 0.1  # rate for exploration='input_dropout'
   e.importance_loss = 0.0      # GShard / V-MoE importance loss weight
   e.dispatch = 'einsum'        # 'einsum' | 'gather' | 'dropless' (grouped matmul, no capacity)
+  e.dropless_impl = 'auto'     # dropless rows: 'ragged_dot' | 'bucketed' (padded buffer); auto:
+                               # bucketed on CPU, ragged_dot elsewhere (docs/performance.md)
   e.bias_update_rate = 0.0     # aux-loss-free balancing: bias step per train step (DeepSeek 0.001)
   e.num_shared_experts = 0     # always-on experts per Switch layer (DeepSeekMoE); 0 = none
 
@@ -157,10 +162,11 @@ def _positive(name: str, value) -> None:
 
 def _validate_routing(e: ml_collections.ConfigDict, arch: str) -> None:
   """Router / dispatch combinations (model.moe.*)."""
-  from switchmoe.dispatch import DISPATCHES
+  from switchmoe.dispatch import DISPATCHES, DROPLESS_IMPLS
   from switchmoe.routing import EXPLORATION, ROUTERS, SECOND_POLICIES
   _choice('model.moe.router', e.router, ROUTERS)
   _choice('model.moe.dispatch', e.dispatch, DISPATCHES)
+  _choice('model.moe.dropless_impl', e.dropless_impl, DROPLESS_IMPLS)
   _choice('model.moe.exploration', e.exploration, EXPLORATION)
   _choice('model.moe.second_policy', e.second_policy, SECOND_POLICIES)
   if e.router == 'topk' and not 1 <= e.num_selected <= e.num_experts:
@@ -321,7 +327,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f'{name}={value!r}: must be finite')
   # Allowed values come from the modules that implement them.
   from switchmoe.layers import ACTIVATIONS
-  from switchmoe.model import ARCHS
+  from switchmoe.model import ARCHS, REMAT_BLOCKS, REMAT_POLICIES
   from switchmoe.sharding import EXPERT_PARALLEL
   m, e, d, o = c.model, c.model.moe, c.data, c.optim
   _choice('model.arch', m.arch, ARCHS)
@@ -331,6 +337,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice('model.dtype', m.dtype, DTYPES)
   _choice('model.moe.router_dtype', e.router_dtype, DTYPES)
   _choice('model.ffn_activation', m.ffn_activation, ACTIVATIONS)
+  _choice('model.remat', m.remat, REMAT_POLICIES)
+  _choice('model.remat_blocks', m.remat_blocks, REMAT_BLOCKS)
   _choice('optim.name', o.name, OPTIMIZERS)
   _choice('optim.schedule', o.schedule, SCHEDULES)
   for name in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',

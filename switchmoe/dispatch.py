@@ -16,11 +16,22 @@ nowhere). Config ``model.moe.dispatch`` picks one:
 Buffered dispatchers have ``group_sizes_E`` None. Nothing here owns parameters or runs the
 experts (`switchmoe.moe.MoeLayer` does both).
 
+Every move of rows is `take_rows`, a gather whose gradient is a gather too: each dispatcher
+knows where every row went, so the backward pass never scatters (scatter-add is the slow
+path on CPU and serialises on GPU). Rows sorted by expert run either as `jax.lax.ragged_dot`
+grouped matmuls or, through `run_bucketed`, as an expert buffer just large enough for the
+busiest expert; ``model.moe.dropless_impl`` picks (``auto``: buffers on CPU, whose
+ragged_dot does every expert's work on every row, ragged_dot elsewhere).
+
 Shape suffixes: G groups, S tokens per group, D d_model, E experts, C capacity, K choices
 per token, N = G*S*K (token, choice) pairs.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +42,33 @@ from switchmoe.sharding import constrain
 # The expert buffer [E, G, C, D]: experts over the `expert` mesh axis, groups over the rest of
 # the batch axes.
 BUFFER_AXES = ('expert', 'batch', None, 'embed')
+
+
+@jax.custom_vjp
+def take_rows(x_GxNxD: jax.Array, index_GxM: jax.Array, inverse_GxNxK: jax.Array) -> jax.Array:
+  """out_GxMxD[g, m] = x[g, index[g, m]], or 0 where index[g, m] = N (no row).
+
+  ``inverse_GxNxK`` lists, for each input row, the (at most K) output rows that read it, M
+  marking an unused entry; it must agree with ``index``. The gradient of x is then
+  sum_k dout[g, inverse[g, n, k]]: a gather, where autodiff of a gather would scatter-add.
+  """
+  del inverse_GxNxK
+  return jnp.take_along_axis(x_GxNxD, index_GxM[..., None], axis=1, mode='fill', fill_value=0)
+
+
+def _take_rows_fwd(x_GxNxD, index_GxM, inverse_GxNxK):
+  return take_rows(x_GxNxD, index_GxM, inverse_GxNxK), (index_GxM, inverse_GxNxK)
+
+
+def _take_rows_bwd(residuals, dout_GxMxD):
+  index_GxM, inverse_GxNxK = residuals
+  g, n, k = inverse_GxNxK.shape
+  dx = jnp.take_along_axis(dout_GxMxD, inverse_GxNxK.reshape(g, n * k, 1), axis=1, mode='fill',
+                           fill_value=0)
+  return dx.reshape(g, n, k, -1).sum(axis=2), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def combine_tensor(r: Routing, num_experts: int, capacity: int) -> jax.Array:
@@ -69,7 +107,7 @@ class EinsumDispatcher:
 
 
 class GatherDispatcher:
-  """x_GxSxD -> x_ExGxCxD -> y_ExGxCxD -> y_GxSxD by gathers over flat slot ids."""
+  """x_GxSxD -> x_ExGxCxD -> y_ExGxCxD -> y_GxSxD by row gathers over flat slot ids."""
   group_sizes_E = None
 
   def __init__(self, r: Routing, num_experts: int, capacity: int):
@@ -78,17 +116,17 @@ class GatherDispatcher:
     # Flat slot id expert * C + position; E * C marks "no slot" (dropped choices).
     self.slot_GxSxK = jnp.where(r.kept_GxSxK, r.expert_index_GxSxK * capacity + r.position_GxSxK,
                                 e * capacity)
-    token_GxSxK = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :, None], (g, s, k))
-    # Which token fills each slot; empty slots point at an appended zero row (index S).
-    self.token_of_slot_GxEC = jnp.full((g, e * capacity), s, jnp.int32).at[
-        jnp.arange(g)[:, None], self.slot_GxSxK.reshape(g, s * k)].set(
-            token_GxSxK.reshape(g, s * k), mode='drop')
+    choice_GxSK = jnp.broadcast_to(jnp.arange(s * k, dtype=jnp.int32), (g, s * k))
+    # Which choice (token * K + k) fills each slot; S * K marks an empty slot, and so its
+    # token, choice // K, is S: no token.
+    self.choice_of_slot_GxEC = jnp.full((g, e * capacity), s * k, jnp.int32).at[
+        jnp.arange(g)[:, None], self.slot_GxSxK.reshape(g, s * k)].set(choice_GxSK, mode='drop')
     self.routing, self.num_experts, self.capacity = r, e, capacity
 
   def dispatch(self, x_GxSxD: jax.Array) -> jax.Array:
     g, _, d = x_GxSxD.shape
-    x_padded = jnp.concatenate([x_GxSxD, jnp.zeros((g, 1, d), x_GxSxD.dtype)], axis=1)
-    x_GxECxD = jnp.take_along_axis(x_padded, self.token_of_slot_GxEC[..., None], axis=1)
+    k = self.slot_GxSxK.shape[-1]
+    x_GxECxD = take_rows(x_GxSxD, self.choice_of_slot_GxEC // k, self.slot_GxSxK)
     x_GxExCxD = x_GxECxD.reshape(g, self.num_experts, self.capacity, d)
     return constrain(jnp.transpose(x_GxExCxD, (1, 0, 2, 3)), BUFFER_AXES)
 
@@ -96,9 +134,9 @@ class GatherDispatcher:
     y_ExGxCxD = constrain(y_ExGxCxD, BUFFER_AXES)
     e, g, c, d = y_ExGxCxD.shape
     y_GxECxD = jnp.transpose(y_ExGxCxD, (1, 0, 2, 3)).reshape(g, e * c, d)
-    y_GxECxD = jnp.concatenate([y_GxECxD, jnp.zeros((g, 1, d), y_GxECxD.dtype)], axis=1)
     s, k = self.slot_GxSxK.shape[1:]
-    y_GxSKxD = jnp.take_along_axis(y_GxECxD, self.slot_GxSxK.reshape(g, s * k, 1), axis=1)
+    y_GxSKxD = take_rows(y_GxECxD, self.slot_GxSxK.reshape(g, s * k),
+                         self.choice_of_slot_GxEC[..., None])
     return _weigh_choices(y_GxSKxD.reshape(g, s, k, d), self.routing)
 
 
@@ -112,21 +150,90 @@ class DroplessDispatcher:
   def __init__(self, r: Routing, num_experts: int, capacity: int | None = None):
     del capacity  # unbounded by construction
     expert_N = r.expert_index_GxSxK.reshape(-1)
-    self.order_N = jnp.argsort(expert_N, stable=True)
+    # Row i of the sorted layout holds choice order_N[i]; choice j sits in row rank_N[j].
+    self.order_N = jnp.argsort(expert_N, stable=True).astype(jnp.int32)
+    self.rank_N = jnp.argsort(self.order_N).astype(jnp.int32)
     self.group_sizes_E = jnp.bincount(expert_N, length=num_experts).astype(jnp.int32)
     self.routing = r
 
   def dispatch(self, x_GxSxD: jax.Array) -> jax.Array:
     g, s, d = x_GxSxD.shape
     k = self.routing.expert_index_GxSxK.shape[-1]
-    return x_GxSxD.reshape(g * s, d)[self.order_N // k]
+    return take_rows(x_GxSxD.reshape(1, g * s, d), self.order_N[None] // k,
+                     self.rank_N.reshape(1, g * s, k))[0]
 
   def combine(self, y_sorted_NxD: jax.Array) -> jax.Array:
-    y_NxD = jnp.zeros_like(y_sorted_NxD).at[self.order_N].set(y_sorted_NxD)
+    y_NxD = take_rows(y_sorted_NxD[None], self.rank_N[None], self.order_N[None, :, None])[0]
     g, s, k = self.routing.expert_index_GxSxK.shape
     return _weigh_choices(y_NxD.reshape(g, s, k, -1), self.routing)
+
+
+# Slots per expert of `run_bucketed`'s buffers, as multiples of the mean rows per expert.
+# Each size is a branch of a `jax.lax.switch`, and autodiff fills the residuals of every
+# branch not taken with zeros, so a few sizes where balanced routing lands beat many.
+BUCKETS = (1.125, 1.25, 1.375, 1.5, 2.0)
+
+
+def bucket_capacities(num_rows: int, num_experts: int) -> tuple[int, ...]:
+  """The buffer sizes `run_bucketed` compiles for, ascending: multiples of 8 (at most
+  num_rows) from 1.125x the mean rows per expert up to 2x."""
+  mean = num_rows / num_experts
+  return tuple(sorted({min(num_rows, 8 * math.ceil(m * mean / 8)) for m in BUCKETS}))
+
+
+def run_bucketed(experts: Callable[[jax.Array], jax.Array], x_NxD: jax.Array,
+                 group_sizes_E: jax.Array) -> jax.Array:
+  """``experts`` (on a buffer x_ExCxD -> y_ExCxD) applied to rows x_NxD sorted by expert.
+
+  The rows go into the smallest buffer of `bucket_capacities` that holds the busiest expert,
+  chosen at run time (`jax.lax.switch`, one compiled branch per size), and come back in row
+  order: the result equals grouped matmuls over the rows, and only the padding is extra work.
+  An expert busier than the largest buffer is served in several passes of it (rows 0..C-1 of
+  every expert, then C..2C-1, ...), rematerialised in the backward pass: slower, but memory
+  stays that of one buffer whatever the routing.
+  """
+  n, d = x_NxD.shape
+  e = group_sizes_E.shape[0]
+  sizes = bucket_capacities(n, e)
+  ends_E = jnp.cumsum(group_sizes_E)
+  starts_E = ends_E - group_sizes_E
+  expert_N = jnp.searchsorted(ends_E, jnp.arange(n), side='right').astype(jnp.int32)
+  offset_N = jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
+
+  def one_pass(c: int, p, x_NxD):
+    """y_NxD of the rows at offsets p*C .. p*C + C-1 of their expert; 0 for the others."""
+    slot_C = p * c + jnp.arange(c, dtype=jnp.int32)
+    row_ExC = jnp.where(slot_C < group_sizes_E[:, None], starts_E[:, None] + slot_C, n)
+    slot_N = jnp.where(offset_N // c == p, expert_N * c + offset_N % c, e * c)
+    x_ExCxD = take_rows(x_NxD[None], row_ExC.reshape(1, e * c), slot_N.reshape(1, n, 1))
+    y_ExCxD = experts(x_ExCxD.reshape(e, c, d))
+    return take_rows(y_ExCxD.reshape(1, e * c, -1), slot_N[None],
+                     row_ExC.reshape(1, e * c, 1))[0]
+
+  branches = [functools.partial(one_pass, c, 0) for c in sizes]
+  busiest = jnp.max(group_sizes_E)
+  if sizes[-1] < n:
+    c = sizes[-1]
+    num_passes = (busiest + c - 1) // c
+
+    # Rematerialised twice: its residuals, zero-filled whenever it is not taken, are only its
+    # input, and its backward pass keeps one pass's activations at a time.
+    @jax.checkpoint
+    def passes(x_NxD):
+      run = jax.checkpoint(lambda p: one_pass(c, p, x_NxD))
+      zero = jax.eval_shape(run, 0)
+      def step(y_NxD, p):
+        return y_NxD + jax.lax.cond(p < num_passes, run,
+                                    lambda p: jnp.zeros(zero.shape, zero.dtype), p), None
+      return jax.lax.scan(step, jnp.zeros(zero.shape, zero.dtype),
+                          jnp.arange(math.ceil(n / c)))[0]
+
+    branches.append(passes)
+  which = jnp.searchsorted(jnp.array(sizes), busiest)
+  return jax.lax.switch(which, branches, x_NxD)
 
 
 DISPATCHERS = {'einsum': EinsumDispatcher, 'gather': GatherDispatcher,
                'dropless': DroplessDispatcher}
 DISPATCHES = tuple(DISPATCHERS)
+DROPLESS_IMPLS = ('auto', 'ragged_dot', 'bucketed')

@@ -116,6 +116,7 @@ class Stack(nnx.Module):
               rngs=rngs) for i in range(num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, dtype=jnp.dtype(cfg.dtype))
     self.dropout_rate = cfg.dropout_rate
+    self.remat, self.remat_blocks = cfg.remat, cfg.remat_blocks
 
   def __call__(self, x_BxLxD, *, valid_BxL, self_mask, encoded=None, cross_mask=None,
                name: str, deterministic: bool, rngs: nnx.Rngs | None):
@@ -128,9 +129,12 @@ class Stack(nnx.Module):
     aux = {}
     x_BxLxD = dropout(x_BxLxD, self.dropout_rate, rngs, deterministic)
     for i, layer in enumerate(self.layers):
-      x_BxLxD, stats = layer(x_BxLxD, valid_BxL=valid_BxL, self_mask=self_mask, self_bias=bias,
-                             encoded=encoded, cross_mask=cross_mask,
-                             deterministic=deterministic, rngs=rngs)
+      call = _call_block
+      if not deterministic and self.remat != 'none' and self.remat_blocks in (
+          'all', 'moe' if layer.is_moe else 'dense'):
+        call = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat], static_argnums=(7,))
+      x_BxLxD, stats = call(layer, x_BxLxD, valid_BxL, self_mask, bias, encoded, cross_mask,
+                            deterministic, rngs)
       if stats is not None:
         aux[_aux_name(name, i)] = stats
     x_BxLxD = self.final_norm(x_BxLxD)
@@ -153,6 +157,25 @@ class Stack(nnx.Module):
                                     cross_mask=cross_mask)
       new_caches.append(cache)
     return self.final_norm(x_Bx1xD), new_caches
+
+
+# Config model.remat: what a block's backward pass may keep from its forward pass (the rest
+# is recomputed). ``save_dots``: outputs of matmuls without batch dimensions (projections,
+# dense FFNs); ``save_all_dots`` also keeps batched ones (attention scores, expert einsums).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_all_dots': jax.checkpoint_policies.dots_saveable,
+}
+REMAT_BLOCKS = ('all', 'moe', 'dense')
+
+
+def _call_block(layer, x_BxLxD, valid_BxL, self_mask, bias, encoded, cross_mask,
+                deterministic, rngs):
+  """One block's call in positional form, for `nnx.remat`."""
+  return layer(x_BxLxD, valid_BxL=valid_BxL, self_mask=self_mask, self_bias=bias,
+               encoded=encoded, cross_mask=cross_mask, deterministic=deterministic, rngs=rngs)
 
 
 def _aux_name(stack: str, index: int) -> str:

@@ -26,7 +26,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from switchmoe import routing, sharding
-from switchmoe.dispatch import DISPATCHERS
+from switchmoe.dispatch import DISPATCHERS, run_bucketed
 from switchmoe.layers import Experts, FeedForward
 from switchmoe.sharding import constrain
 
@@ -52,6 +52,7 @@ class MoeConfig:
   expert_dropout: float
   router_dtype: str
   dispatch: str
+  dropless_impl: str
   num_shared_experts: int
   bias_update_rate: float
   routing: routing.RoutingOptions
@@ -245,7 +246,22 @@ class MoeLayer(nnx.Module):
         key = rngs.dropout()
       return all_to_all_experts(self.experts, x, axis_size, deterministic=deterministic,
                                 key=key)
+    if group_sizes_E is not None and self.bucketed():
+      key = None
+      if self.cfg.expert_dropout > 0 and not deterministic:
+        key = rngs.dropout()
+      # Rngs are stateful: each branch of run_bucketed's switch builds its own from the key.
+      return run_bucketed(
+          lambda x_ExCxD: self.experts(x_ExCxD, deterministic=deterministic,
+                                       rngs=None if key is None else nnx.Rngs(dropout=key)),
+          x, group_sizes_E)
     return self.experts(x, deterministic=deterministic, rngs=rngs, group_sizes_E=group_sizes_E)
+
+  def bucketed(self) -> bool:
+    """Whether rows sorted by expert run as padded buffers (`dispatch.run_bucketed`) rather
+    than ragged_dot: config ``dropless_impl``, ``auto`` meaning on CPU only."""
+    impl = self.cfg.dropless_impl
+    return impl == 'bucketed' or (impl == 'auto' and jax.default_backend() == 'cpu')
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
                valid_BxL: jax.Array | None = None, decoding: bool = False

@@ -360,6 +360,121 @@ def test_gradients_dropless_equal_einsum_without_drops(router):
 
 
 # --------------------------------------------------------------------------------------------
+# 2b. The row gather and the bucketed twin of ragged_dot.
+
+
+def _partial_injection(rng, n, m, k):
+  """(index_M, inverse_NxK) of a random map from m output rows to n input rows that uses
+  each input row at most k times; about a fifth of the outputs read no row (index n)."""
+  uses = np.repeat(np.arange(n), k)
+  rng.shuffle(uses)
+  index = np.full(m, n)
+  filled = rng.choice(m, size=min(m, int(0.8 * m), len(uses)), replace=False)
+  index[filled] = uses[:len(filled)]
+  inverse = np.full((n, k), m)
+  count = np.zeros(n, int)
+  for out_row, row in enumerate(index):
+    if row < n:
+      inverse[row, count[row]] = out_row
+      count[row] += 1
+  return index.astype(np.int32), inverse.astype(np.int32)
+
+
+@pytest.mark.parametrize('n, m, k', [(6, 10, 1), (8, 12, 2), (5, 3, 1)])
+def test_take_rows_value_and_gradient_equal_a_plain_gather(n, m, k):
+  """take_rows' custom gradient (a gather by the inverse) equals autodiff of the plain gather
+  (a scatter-add), per group, with empty outputs and unused inputs."""
+  rng = np.random.default_rng(n * m * k)
+  pairs = [_partial_injection(rng, n, m, k) for _ in range(2)]
+  index = jnp.asarray(np.stack([p[0] for p in pairs]))
+  inverse = jnp.asarray(np.stack([p[1] for p in pairs]))
+  x = jnp.asarray(rng.normal(size=(2, n, 3)).astype(np.float32))
+  ct = jnp.asarray(rng.normal(size=(2, m, 3)).astype(np.float32))
+  plain = lambda x: jnp.take_along_axis(jnp.concatenate([x, jnp.zeros((2, 1, 3))], 1),
+                                        index[..., None], axis=1)
+  fast = lambda x: dispatch_lib.take_rows(x, index, inverse)
+  np.testing.assert_array_equal(fast(x), plain(x))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * ct))(x)
+  np.testing.assert_allclose(grad(fast), grad(plain), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(jax.jit(fast)(x), plain(x))
+
+
+def _grouped_reference(x, w, sizes):
+  """float64 per-expert loop: rows of expert e times its weights."""
+  out, start = [], 0
+  for e, size in enumerate(sizes):
+    out.append(x[start:start + size].astype(np.float64) @ w[e].astype(np.float64))
+    start += size
+  return np.concatenate(out)
+
+
+# Balanced (the smallest buffer), skewed into a larger bucket, every row on one expert (the
+# multi-pass fallback), empty experts, and N not a multiple of E.
+_SIZES = {'balanced': [13, 12, 12, 11], 'skewed': [20, 10, 10, 8],
+          'one_expert': [0, 48, 0, 0], 'empty': [30, 0, 18, 0], 'uneven': [13, 3, 9, 5]}
+
+
+@pytest.mark.parametrize('case', list(_SIZES))
+def test_run_bucketed_equals_ragged_dot(case):
+  sizes = _SIZES[case]
+  n, d, f = sum(sizes), 3, 5
+  rng = np.random.default_rng(len(case))
+  x = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
+  wi = jnp.asarray(rng.normal(size=(4, d, f)).astype(np.float32))
+  wo = jnp.asarray(rng.normal(size=(4, f, d)).astype(np.float32))
+  ct = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
+  group_sizes = jnp.asarray(sizes, jnp.int32)
+  buckets = dispatch_lib.bucket_capacities(n, 4)
+  taken = np.searchsorted(buckets, max(sizes))
+  # The cases cover both paths: one buffer, or passes of the largest one.
+  assert (taken == len(buckets)) == (case in ('one_expert', 'empty'))
+
+  def ragged(x, wi, wo):
+    h = jax.nn.relu(jax.lax.ragged_dot(x, wi, group_sizes))
+    return jax.lax.ragged_dot(h, wo, group_sizes)
+
+  def bucketed(x, wi, wo):
+    experts = lambda x_ExCxD: jnp.einsum(
+        'ecf,efd->ecd', jax.nn.relu(jnp.einsum('ecd,edf->ecf', x_ExCxD, wi)), wo)
+    return dispatch_lib.run_bucketed(experts, x, group_sizes)
+
+  h_ref = np.maximum(_grouped_reference(np.asarray(x), np.asarray(wi), sizes), 0)
+  y_ref = _grouped_reference(h_ref, np.asarray(wo), sizes)
+  y = jax.jit(bucketed)(x, wi, wo)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2)))
+  for name, gb, gr in zip(('x', 'wi', 'wo'), loss(bucketed)(x, wi, wo), loss(ragged)(x, wi, wo)):
+    np.testing.assert_allclose(gb, gr, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_bucket_capacities():
+  assert dispatch_lib.bucket_capacities(4096, 32) == (144, 160, 176, 192, 256)
+  assert dispatch_lib.bucket_capacities(16, 2) == (16,)          # capped at every row
+  assert all(c % 8 == 0 for c in dispatch_lib.bucket_capacities(1000, 7))
+
+
+@pytest.mark.parametrize('router', ['switch', 'topk'])
+def test_dropless_impls_agree_in_the_layer(router):
+  """model.moe.dropless_impl: ragged_dot and bucketed give one layer the same outputs, aux
+  losses and gradients (with a skewed router, so the fallback passes run too)."""
+  x, c = jnp.asarray(random_x(3)), jnp.asarray(random_x(4))
+  out = {}
+  for impl in ('ragged_dot', 'bucketed'):
+    layer = make_layer(router=router, dispatch='dropless', alpha=0.1, beta=0.01, seed=5,
+                       dropless_impl=impl)
+    kernel = layer.router.kernel
+    kernel[...] = kernel[...].at[:, 0].add(3.0)  # most tokens to expert 0
+    g, (y, stats) = _grad_fn(layer, c)(x)
+    out[impl] = np.asarray(y), _flat_grads(g), stats
+  (y_r, g_r, s_r), (y_b, g_b, s_b) = out['ragged_dot'], out['bucketed']
+  np.testing.assert_allclose(y_b, y_r, rtol=1e-5, atol=1e-6)
+  for name in g_r:
+    np.testing.assert_allclose(g_b[name], g_r[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  for name in ('load_balance', 'z_loss'):
+    np.testing.assert_allclose(s_b[name], s_r[name], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
 # 3. Properties on small random shapes.
 
 _ROUTER_KINDS = ('switch', 'switch_ntlb', 'switch_bpr', 'topk', 'topk_bpr', 'experts_choose')

@@ -1,0 +1,345 @@
+"""Benchmark the Switch layer and whole train steps, against dense twins in the same process.
+
+  python scripts/benchmark.py --suite=layer [--tokens=4096] [--d_model=256] [--d_ff=1024]
+      [--experts=8,32] [--dispatch=einsum,gather,dropless,dropless:ragged_dot] [--group_sizes=1024]
+      [--capacity_factor=1.25] [--dtype=float32] [--repeats=15] [--json=FILE]
+  python scripts/benchmark.py --suite=step [--cases=t5_tiny,switch_tiny] [--steps=10]
+      [--batch_size=0] [--set=a.b=v,...] [--json=FILE]
+
+``layer``: forward + backward of one Switch layer (router, aux losses, dispatch, experts,
+combine) for each dispatch x number of experts x routing group size (``dropless:IMPL`` forces
+model.moe.dropless_impl; plain ``dropless`` is ``auto``), against a dense FFN with
+the same FLOPs per token (the active compute of top-1 routing). The cases of one (E, group
+size) are timed round-robin with the dense FFN, ``--repeats`` rounds, so drift on a shared
+machine hits them all alike; each figure is a median. ``x floor`` divides by the roofline floor
+max(CF x dense matmul FLOPs at the matmul rate, expert-weight bytes at the memory bandwidth),
+both rates measured in this process (CF = 1 for dropless).
+
+``step``: full training steps (`switchmoe.train.train_step`, the optimizer included) of
+config files on synthetic batches of the configured shapes: step time (median), tokens/s,
+MFU where the device's peak is known, compile time and peak memory. A case is a config name
+in configs/, optionally with overrides after a colon: ``switch_base:model.moe.num_experts=64``.
+The first case whose ``model.moe.every`` is 0 is the dense reference of ``x dense``.
+
+Peak memory is XLA's compiled estimate (arguments + outputs + temporaries - aliased), the same
+on every platform; accelerators also report the allocator's peak in ``device_peak_bytes``.
+``--json`` writes one JSON record per case (one per line). Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from switchmoe import config as config_lib
+from switchmoe import routing, train
+from switchmoe.dispatch import DISPATCHES, DROPLESS_IMPLS
+from switchmoe.layers import FeedForward
+from switchmoe.main import load_config
+from switchmoe.moe import MoeConfig, MoeLayer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def progress(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def environment() -> dict:
+  """What every record says about where it ran."""
+  device = jax.devices()[0]
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, text=True,
+                            capture_output=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = 'unknown'
+  return {'platform': device.platform, 'device_kind': device.device_kind,
+          'devices': jax.device_count(), 'jax': jax.__version__, 'commit': commit,
+          'host': platform.node(), 'cpus': os.cpu_count()}
+
+
+def block(tree):
+  return jax.block_until_ready(tree)
+
+
+def time_once(fn, *args) -> float:
+  start = time.perf_counter()
+  block(fn(*args))
+  return time.perf_counter() - start
+
+
+def peak_bytes(compiled) -> int | None:
+  """XLA's estimate of a compiled function's peak memory."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def device_peak_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get('peak_bytes_in_use')
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+  return statistics.median(time_once(fn, *args) for _ in range(repeats))
+
+
+def matmul_rate(dtype, repeats: int) -> float:
+  """FLOP/s of a square-ish matmul large enough to reach this device's rate."""
+  n = 2048 if jax.devices()[0].platform == 'cpu' else 8192
+  a = jnp.ones((n, n), dtype)
+  fn = jax.jit(lambda a: a @ a)
+  block(fn(a))
+  return 2 * n ** 3 / median_seconds(fn, a, repeats=repeats)
+
+
+def memory_bandwidth(repeats: int) -> float:
+  """Bytes/s of an elementwise pass over an array far larger than the caches (read + write)."""
+  n = (64 if jax.devices()[0].platform == 'cpu' else 512) * 2 ** 20
+  a = jnp.ones((n,), jnp.float32)
+  fn = jax.jit(lambda a: a * 2.0 + 1.0)
+  block(fn(a))
+  return 2 * a.nbytes / median_seconds(fn, a, repeats=repeats)
+
+
+# ----------------------------------------------------------------------------- layer suite
+
+
+def moe_config(num_experts: int, dispatch: str, group_size: int, capacity_factor: float
+               ) -> MoeConfig:
+  """``dispatch`` is a model.moe.dispatch, for dropless optionally with its implementation:
+  ``dropless:ragged_dot``."""
+  c = config_lib.default_config()
+  moe = c.model.moe
+  moe.dispatch, _, impl = dispatch.partition(':')
+  moe.dropless_impl = impl or 'auto'
+  moe.num_experts, moe.group_size = num_experts, group_size
+  moe.capacity_factor = moe.eval_capacity_factor = capacity_factor
+  moe.expert_dropout = 0.0
+  return MoeConfig.from_config(moe, causal=False, expert_parallel='gspmd')
+
+
+def layer_fn(module: nnx.Module, is_moe: bool):
+  """Jitted (state, x, cotangent) -> gradients of <y, cotangent> (+ aux losses) w.r.t.
+  the weights and x: one forward and one backward pass of ``module``."""
+  graphdef, state = nnx.split(module)
+
+  def loss(state, x_BxLxD, ct_BxLxD):
+    m = nnx.merge(graphdef, state)
+    if is_moe:
+      rngs = nnx.Rngs(**{name: i for i, name in enumerate(routing.RNG_STREAMS)})
+      y, stats = m(x_BxLxD, deterministic=False, rngs=rngs)
+      extra = sum(stats.losses.values())
+    else:
+      y, extra = m(x_BxLxD, deterministic=True, rngs=None), 0.0
+    return jnp.sum(y.astype(jnp.float32) * ct_BxLxD) + extra
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), state
+
+
+def run_layer_suite(args, env: dict) -> list[dict]:
+  dtype = jnp.dtype(args.dtype)
+  repeats = args.repeats
+  rate = matmul_rate(dtype, repeats)
+  bandwidth = memory_bandwidth(repeats)
+  progress(f'matmul {rate / 1e9:.1f} GFLOP/s ({args.dtype}), memory {bandwidth / 1e9:.1f} GB/s')
+  d, f, n = args.d_model, args.d_ff, args.tokens
+  x = jax.random.normal(jax.random.key(1), (1, n, d), jnp.float32).astype(dtype)
+  ct = jax.random.normal(jax.random.key(2), (1, n, d), jnp.float32)
+  dense_flops = 3 * 2 * 2 * n * d * f  # forward + backward of x @ wi, h @ wo
+  rngs = nnx.Rngs(params=0)
+  dense = FeedForward(d, f, activation='relu', init_scale=1.0, dropout_rate=0.0, dtype=dtype,
+                      rngs=rngs)
+  records = []
+  for e in args.experts:
+    for group_size in args.group_sizes:
+      cases = {'dense': layer_fn(dense, is_moe=False)}
+      for dispatch in args.dispatch:
+        cfg = moe_config(e, dispatch, group_size, args.capacity_factor)
+        layer = MoeLayer(d, f, cfg, activation='relu', init_scale=0.1, dtype=dtype,
+                         rngs=nnx.Rngs(params=e))
+        cases[dispatch] = layer_fn(layer, is_moe=True)
+      compiled, seconds = {}, {name: [] for name in cases}
+      for name, (fn, state) in cases.items():
+        start = time.perf_counter()
+        compiled[name] = fn.lower(state, x, ct).compile()
+        block(compiled[name](state, x, ct))
+        progress(f'  E={e} group={group_size} {name}: compiled in '
+                 f'{time.perf_counter() - start:.1f} s')
+      for _ in range(repeats):
+        for name, (_, state) in cases.items():
+          seconds[name].append(time_once(compiled[name], state, x, ct))
+      dense_s = statistics.median(seconds['dense'])
+      for name, (_, state) in cases.items():
+        ms = statistics.median(seconds[name]) * 1e3
+        cf = 1.0 if name == 'dense' or name.startswith('dropless') else args.capacity_factor
+        weight_bytes = 3 * 2 * d * f * dtype.itemsize * (1 if name == 'dense' else e)
+        floor_s = max(cf * dense_flops / rate, weight_bytes / bandwidth)
+        records.append({
+            'suite': 'layer', 'case': f'{name}/E{e}/G{group_size}', 'dispatch': name,
+            'num_experts': 0 if name == 'dense' else e, 'group_size': group_size,
+            'tokens': n, 'd_model': d, 'd_ff': f, 'dtype': args.dtype,
+            'capacity_factor': cf, 'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
+            'ratio_to_dense': ms / (dense_s * 1e3), 'ratio_to_floor': ms / (floor_s * 1e3),
+            'floor_ms': floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
+            'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})
+  return records
+
+
+# ------------------------------------------------------------------------------ step suite
+
+
+def case_config(case: str, sets: list[str], batch_size: int):
+  """The config of ``name[:a.b=v,...]`` with the suite's own overrides applied after."""
+  name, _, own = case.partition(':')
+  overrides = [o for o in own.split(',') if o] + sets
+  if batch_size:
+    overrides.append(f'train.batch_size={batch_size}')
+  return load_config(str(REPO / 'configs' / f'{name}.py'), [f'--config.{o}' for o in overrides])
+
+
+def synthetic_batch(config) -> dict[str, np.ndarray]:
+  """Random tokens in the shapes and dtypes the config's objective produces."""
+  rng = np.random.default_rng(0)
+  b, lt, v = config.train.batch_size, config.data.targets_length, config.model.vocab_size
+  tokens = lambda length: rng.integers(1, v, (b, length), dtype=np.int32)
+  batch = {'decoder_input_tokens': tokens(lt), 'decoder_target_tokens': tokens(lt),
+           'decoder_loss_weights': np.ones((b, lt), np.int32)}
+  if config.model.arch == 'encoder_decoder':
+    batch['encoder_input_tokens'] = tokens(config.data.inputs_length)
+  return batch
+
+
+def run_step_suite(args, env: dict) -> list[dict]:
+  records = []
+  for case in args.cases:
+    config = case_config(case, args.set, args.batch_size)
+    s = train.make_setup(config)
+    with train.mesh_context(s):
+      state = s.init(jax.random.key(0))
+      batch = train.device_batch(s, synthetic_batch(config))
+      start = time.perf_counter()
+      step = s.train_step.lower(state, batch).compile()
+      compile_s = time.perf_counter() - start
+      state, _ = block(step(state, batch))  # the first run pays for allocation and caches
+      seconds = []
+      for _ in range(args.steps):
+        start = time.perf_counter()
+        state, _ = block(step(state, batch))
+        seconds.append(time.perf_counter() - start)
+    step_s = statistics.median(seconds)
+    perf = train.perf_metrics(config, s.mesh, step_s)
+    moe = config.model.moe
+    records.append({
+        'suite': 'step', 'case': case, 'dispatch': moe.dispatch if moe.every else 'dense',
+        'num_experts': moe.num_experts if moe.every else 0, 'tokens': train.tokens_per_step(config),
+        'batch_size': config.train.batch_size, 'ms': step_s * 1e3,
+        'tokens_per_s': perf['perf/tokens_per_sec'],
+        'model_tflops_per_device': perf['perf/model_tflops_per_device'],
+        'mfu': perf.get('perf/mfu'), 'compile_s': compile_s, 'peak_bytes': peak_bytes(step),
+        'device_peak_bytes': device_peak_bytes(), 'ratio_to_floor': None, **env})
+    progress(f'  {case}: {step_s * 1e3:.1f} ms/step, {perf["perf/tokens_per_sec"]:,.0f} tok/s, '
+             f'compiled in {compile_s:.1f} s')
+  dense = next((r for r, case in zip(records, args.cases)
+                if not case_config(case, args.set, args.batch_size).model.moe.every), None)
+  for r in records:
+    r['ratio_to_dense'] = None if dense is None else r['ms'] / dense['ms']
+  return records
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def fmt(value, spec: str) -> str:
+  return '-' if value is None else format(value, spec)
+
+
+def print_table(records: list[dict]) -> None:
+  if not records:
+    return
+  if records[0]['suite'] == 'layer':
+    header = (f'{"case":<24} {"ms":>9} {"x dense":>8} {"x floor":>8} {"peak MiB":>9}')
+    rows = [f'{r["case"]:<24} {r["ms"]:>9.2f} {r["ratio_to_dense"]:>8.2f} '
+            f'{r["ratio_to_floor"]:>8.2f} {fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9}'
+            for r in records]
+  else:
+    header = (f'{"case":<40} {"ms/step":>9} {"tokens/s":>10} {"x dense":>8} {"MFU":>6} '
+              f'{"compile s":>9} {"peak MiB":>9}')
+    rows = [f'{r["case"]:<40} {r["ms"]:>9.1f} {r["tokens_per_s"]:>10,.0f} '
+            f'{fmt(r["ratio_to_dense"], ".2f"):>8} {fmt(r["mfu"], ".1%"):>6} '
+            f'{r["compile_s"]:>9.1f} {fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9}'
+            for r in records]
+  env = records[0]
+  print(f'{env["suite"]} suite on {env["devices"]} x {env["device_kind"]} ({env["platform"]}), '
+        f'jax {env["jax"]}, commit {env["commit"]}')
+  print(header)
+  print('\n'.join(rows))
+
+
+def int_list(text: str) -> list[int]:
+  return [int(v) for v in text.split(',') if v]
+
+
+def str_list(text: str) -> list[str]:
+  return [v for v in text.split(',') if v]
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--suite', choices=('layer', 'step'), default='layer')
+  p.add_argument('--tokens', type=int, default=4096)
+  p.add_argument('--d_model', type=int, default=256)
+  p.add_argument('--d_ff', type=int, default=1024)
+  p.add_argument('--experts', type=int_list, default=[8, 32])
+  p.add_argument('--dispatch', type=str_list, default=list(DISPATCHES))
+  p.add_argument('--group_sizes', type=int_list, default=[1024])
+  p.add_argument('--capacity_factor', type=float, default=1.25)
+  p.add_argument('--dtype', default='float32')
+  p.add_argument('--repeats', type=int, default=15)
+  p.add_argument('--cases', type=str_list, default=['t5_tiny', 'switch_tiny'])
+  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--batch_size', type=int, default=0, help='0: the config\'s own')
+  p.add_argument('--set', type=str_list, default=[],
+                 help='overrides for every step case, a.b=v,c.d=w')
+  p.add_argument('--json', default='', help='write one JSON record per case to this file')
+  args = p.parse_args(argv)
+  allowed = (*DISPATCHES, *(f'dropless:{i}' for i in DROPLESS_IMPLS))
+  bad = [d for d in args.dispatch if d not in allowed]
+  if bad:
+    p.error(f'--dispatch={",".join(bad)}: not an option; allowed: {", ".join(allowed)}')
+  if args.repeats < 1 or args.steps < 1:
+    p.error('--repeats and --steps must be >= 1')
+  for case in args.cases:
+    if not (REPO / 'configs' / f'{case.partition(":")[0]}.py').exists():
+      p.error(f'--cases: no config file configs/{case.partition(":")[0]}.py')
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  env = environment()
+  progress(f'{args.suite} suite on {env["device_kind"]} ({env["platform"]}), jax {env["jax"]}')
+  records = (run_layer_suite if args.suite == 'layer' else run_step_suite)(args, env)
+  print_table(records)
+  if args.json:
+    with open(args.json, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,58 @@
+"""scripts/benchmark.py runs both suites at toy sizes and writes the records it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ('suite', 'case', 'dispatch', 'num_experts', 'tokens', 'ms', 'ratio_to_dense',
+          'ratio_to_floor', 'peak_bytes', 'platform', 'device_kind')
+
+
+def run(args, tmp_path):
+  out = tmp_path / 'records.jsonl'
+  done = subprocess.run([sys.executable, 'scripts/benchmark.py', *args, f'--json={out}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  for r in records:
+    assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+  return records, done.stdout
+
+
+def test_layer_suite(tmp_path):
+  records, table = run(['--suite=layer', '--tokens=64', '--d_model=8', '--d_ff=16',
+                        '--experts=2,4', '--group_sizes=32', '--repeats=2'], tmp_path)
+  cases = [r['case'] for r in records]
+  assert cases == [f'{d}/E{e}/G32' for e in (2, 4)
+                   for d in ('dense', 'einsum', 'gather', 'dropless')]
+  for r in records:
+    assert r['ms'] > 0 and r['ratio_to_floor'] > 0 and r['peak_bytes'] > 0
+    assert r['platform'] == 'cpu'
+    if r['dispatch'] == 'dense':
+      assert r['ratio_to_dense'] == 1.0 and r['num_experts'] == 0
+    else:
+      assert r['num_experts'] in (2, 4)
+  for case in cases:
+    assert case in table
+
+
+def test_step_suite(tmp_path):
+  small = 'model.num_layers=1,model.d_model=16,model.d_ff=32,model.num_heads=2,model.d_kv=8'
+  records, table = run(['--suite=step', '--cases=t5_tiny,switch_tiny:model.moe.num_experts=4',
+                        '--steps=2', '--batch_size=8', f'--set={small}'], tmp_path)
+  dense, switch = records
+  assert (dense['num_experts'], switch['num_experts']) == (0, 4)
+  assert dense['ratio_to_dense'] == 1.0 and switch['ratio_to_dense'] > 0
+  assert dense['tokens'] == switch['tokens'] == 8 * (128 + 32)
+  for r in records:
+    assert r['tokens_per_s'] > 0 and r['compile_s'] > 0 and r['mfu'] is None  # CPU: no peak
+  assert 'switch_tiny:model.moe.num_experts=4' in table
+
+
+def test_bad_arguments_fail_in_one_line():
+  done = subprocess.run([sys.executable, 'scripts/benchmark.py', '--dispatch=einsum,fast'],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 2
+  assert "--dispatch=fast: not an option; allowed: einsum, gather, dropless, dropless:auto" in done.stderr
