@@ -3,7 +3,7 @@
   python scripts/benchmark.py --suite=layer [--tokens=4096] [--d_model=256] [--d_ff=1024]
       [--experts=8,32] [--dispatch=einsum,gather,dropless,dropless:ragged_dot] [--group_sizes=1024]
       [--capacity_factor=1.25] [--dtype=float32] [--repeats=15] [--json=FILE]
-  python scripts/benchmark.py --suite=step [--cases=t5_tiny,switch_tiny] [--steps=10]
+  python scripts/benchmark.py --suite=step [--cases t5_tiny switch_tiny ...] [--steps=10]
       [--batch_size=0] [--set=a.b=v,...] [--json=FILE]
 
 ``layer``: forward + backward of one Switch layer (router, aux losses, dispatch, experts,
@@ -13,12 +13,14 @@ the same FLOPs per token (the active compute of top-1 routing). The cases of one
 size) are timed round-robin with the dense FFN, ``--repeats`` rounds, so drift on a shared
 machine hits them all alike; each figure is a median. ``x floor`` divides by the roofline floor
 max(CF x dense matmul FLOPs at the matmul rate, expert-weight bytes at the memory bandwidth),
-both rates measured in this process (CF = 1 for dropless).
+both rates measured in this process (CF = 1 for dropless). ``max load`` is the busiest
+expert's share of the tokens over the mean share (1 = balanced), which sets dropless's buffers.
 
 ``step``: full training steps (`switchmoe.train.train_step`, the optimizer included) of
 config files on synthetic batches of the configured shapes: step time (median), tokens/s,
 MFU where the device's peak is known, compile time and peak memory. A case is a config name
-in configs/, optionally with overrides after a colon: ``switch_base:model.moe.num_experts=64``.
+in configs/, optionally with overrides after a colon, comma-separated:
+``switch_base:model.moe.num_experts=64,model.remat=full``; cases are separated by spaces.
 The first case whose ``model.moe.every`` is 0 is the dense reference of ``x dense``.
 
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries - aliased), the same
@@ -151,6 +153,17 @@ def layer_fn(module: nnx.Module, is_moe: bool):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), state
 
 
+def busiest_expert(layer: MoeLayer, x_BxLxD: jax.Array) -> float:
+  """The top-1 load of the busiest expert over the mean, for these tokens (every layer of one
+  case has the same router, so the same routing): what capacity padding and dropless
+  buffers are sized against."""
+  rngs = nnx.Rngs(**{name: i for i, name in enumerate(routing.RNG_STREAMS)})
+  _, stats = nnx.jit(lambda m, x, rngs: m(x, deterministic=False, rngs=rngs))(layer, x_BxLxD,
+                                                                           rngs)
+  fraction_E = stats.diagnostics['expert_fraction_E']
+  return float(jnp.max(fraction_E) * fraction_E.shape[0])
+
+
 def run_layer_suite(args, env: dict) -> list[dict]:
   dtype = jnp.dtype(args.dtype)
   repeats = args.repeats
@@ -167,12 +180,13 @@ def run_layer_suite(args, env: dict) -> list[dict]:
   records = []
   for e in args.experts:
     for group_size in args.group_sizes:
-      cases = {'dense': layer_fn(dense, is_moe=False)}
+      cases, max_load = {'dense': layer_fn(dense, is_moe=False)}, None
       for dispatch in args.dispatch:
         cfg = moe_config(e, dispatch, group_size, args.capacity_factor)
         layer = MoeLayer(d, f, cfg, activation='relu', init_scale=0.1, dtype=dtype,
                          rngs=nnx.Rngs(params=e))
         cases[dispatch] = layer_fn(layer, is_moe=True)
+        max_load = max_load or busiest_expert(layer, x)
       compiled, seconds = {}, {name: [] for name in cases}
       for name, (fn, state) in cases.items():
         start = time.perf_counter()
@@ -193,7 +207,7 @@ def run_layer_suite(args, env: dict) -> list[dict]:
             'suite': 'layer', 'case': f'{name}/E{e}/G{group_size}', 'dispatch': name,
             'num_experts': 0 if name == 'dense' else e, 'group_size': group_size,
             'tokens': n, 'd_model': d, 'd_ff': f, 'dtype': args.dtype,
-            'capacity_factor': cf, 'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
+            'capacity_factor': cf, 'max_load': None if name == 'dense' else max_load, 'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
             'ratio_to_dense': ms / (dense_s * 1e3), 'ratio_to_floor': ms / (floor_s * 1e3),
             'floor_ms': floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
             'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})
@@ -272,10 +286,12 @@ def print_table(records: list[dict]) -> None:
   if not records:
     return
   if records[0]['suite'] == 'layer':
-    header = (f'{"case":<24} {"ms":>9} {"x dense":>8} {"x floor":>8} {"peak MiB":>9}')
-    rows = [f'{r["case"]:<24} {r["ms"]:>9.2f} {r["ratio_to_dense"]:>8.2f} '
-            f'{r["ratio_to_floor"]:>8.2f} {fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9}'
-            for r in records]
+    header = (f'{"case":<30} {"ms":>9} {"x dense":>8} {"x floor":>8} {"peak MiB":>9} '
+              f'{"max load":>8}')
+    rows = [f'{r["case"]:<30} {r["ms"]:>9.2f} {r["ratio_to_dense"]:>8.2f} '
+            f'{r["ratio_to_floor"]:>8.2f} '
+            f'{fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9} '
+            f'{fmt(r["max_load"], ".2f"):>8}' for r in records]
   else:
     header = (f'{"case":<40} {"ms/step":>9} {"tokens/s":>10} {"x dense":>8} {"MFU":>6} '
               f'{"compile s":>9} {"peak MiB":>9}')
@@ -311,7 +327,8 @@ def parse_args(argv):
   p.add_argument('--capacity_factor', type=float, default=1.25)
   p.add_argument('--dtype', default='float32')
   p.add_argument('--repeats', type=int, default=15)
-  p.add_argument('--cases', type=str_list, default=['t5_tiny', 'switch_tiny'])
+  p.add_argument('--cases', nargs='+', default=['t5_tiny', 'switch_tiny'],
+                 help='config names, each optionally with overrides: name:a.b=v,c.d=w')
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--batch_size', type=int, default=0, help='0: the config\'s own')
   p.add_argument('--set', type=str_list, default=[],

@@ -168,69 +168,105 @@ class DroplessDispatcher:
     return _weigh_choices(y_NxD.reshape(g, s, k, -1), self.routing)
 
 
-# Slots per expert of `run_bucketed`'s buffers, as multiples of the mean rows per expert.
-# Each size is a branch of a `jax.lax.switch`, and autodiff fills the residuals of every
-# branch not taken with zeros, so a few sizes where balanced routing lands beat many.
-BUCKETS = (1.125, 1.25, 1.375, 1.5, 2.0)
+# `run_bucketed`'s main buffer holds this multiple of the mean rows per expert; rows past it
+# (a busier expert) go through overflow passes a quarter of its size.
+BUFFER_FACTOR = 1.25
 
 
-def bucket_capacities(num_rows: int, num_experts: int) -> tuple[int, ...]:
-  """The buffer sizes `run_bucketed` compiles for, ascending: multiples of 8 (at most
-  num_rows) from 1.125x the mean rows per expert up to 2x."""
-  mean = num_rows / num_experts
-  return tuple(sorted({min(num_rows, 8 * math.ceil(m * mean / 8)) for m in BUCKETS}))
+def buffer_sizes(num_rows: int, num_experts: int) -> tuple[int, int]:
+  """(C, C_overflow) of `run_bucketed`: slots per expert of the main buffer (a multiple of 8,
+  at most num_rows) and of each overflow pass."""
+  main = min(num_rows, 8 * math.ceil(BUFFER_FACTOR * num_rows / num_experts / 8))
+  return main, 8 * math.ceil(main / 4 / 8)
 
 
-def run_bucketed(experts: Callable[[jax.Array], jax.Array], x_NxD: jax.Array,
-                 group_sizes_E: jax.Array) -> jax.Array:
-  """``experts`` (on a buffer x_ExCxD -> y_ExCxD) applied to rows x_NxD sorted by expert.
-
-  The rows go into the smallest buffer of `bucket_capacities` that holds the busiest expert,
-  chosen at run time (`jax.lax.switch`, one compiled branch per size), and come back in row
-  order: the result equals grouped matmuls over the rows, and only the padding is extra work.
-  An expert busier than the largest buffer is served in several passes of it (rows 0..C-1 of
-  every expert, then C..2C-1, ...), rematerialised in the backward pass: slower, but memory
-  stays that of one buffer whatever the routing.
-  """
-  n, d = x_NxD.shape
-  e = group_sizes_E.shape[0]
-  sizes = bucket_capacities(n, e)
+def _sorted_layout(group_sizes_E: jax.Array, n: int):
+  """(starts_E, expert_N, offset_N): each expert's first row, and each row's expert and
+  offset inside its expert, of rows sorted by expert."""
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
   expert_N = jnp.searchsorted(ends_E, jnp.arange(n), side='right').astype(jnp.int32)
-  offset_N = jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
+  return starts_E, expert_N, jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
 
-  def one_pass(c: int, p, x_NxD):
-    """y_NxD of the rows at offsets p*C .. p*C + C-1 of their expert; 0 for the others."""
-    slot_C = p * c + jnp.arange(c, dtype=jnp.int32)
-    row_ExC = jnp.where(slot_C < group_sizes_E[:, None], starts_E[:, None] + slot_C, n)
-    slot_N = jnp.where(offset_N // c == p, expert_N * c + offset_N % c, e * c)
-    x_ExCxD = take_rows(x_NxD[None], row_ExC.reshape(1, e * c), slot_N.reshape(1, n, 1))
-    y_ExCxD = experts(x_ExCxD.reshape(e, c, d))
-    return take_rows(y_ExCxD.reshape(1, e * c, -1), slot_N[None],
-                     row_ExC.reshape(1, e * c, 1))[0]
 
-  branches = [functools.partial(one_pass, c, 0) for c in sizes]
-  busiest = jnp.max(group_sizes_E)
-  if sizes[-1] < n:
-    c = sizes[-1]
-    num_passes = (busiest + c - 1) // c
+def _slots(experts, params, key, x_NxD, group_sizes_E, first, size: int):
+  """y_NxD of ``experts`` on the rows at offsets first .. first + size - 1 of their expert
+  (an [E, size] buffer), 0 for the other rows. ``first`` may be traced."""
+  n, d = x_NxD.shape
+  e = group_sizes_E.shape[0]
+  starts_E, expert_N, offset_N = _sorted_layout(group_sizes_E, n)
+  slot_C = first + jnp.arange(size, dtype=jnp.int32)
+  row_ExC = jnp.where(slot_C < group_sizes_E[:, None], starts_E[:, None] + slot_C, n)
+  here_N = (offset_N >= first) & (offset_N < first + size)
+  slot_N = jnp.where(here_N, expert_N * size + offset_N - first, e * size)
+  x_ExCxD = take_rows(x_NxD[None], row_ExC.reshape(1, e * size), slot_N.reshape(1, n, 1))
+  y_ExCxD = experts(params, x_ExCxD.reshape(e, size, d), key)
+  return take_rows(y_ExCxD.reshape(1, e * size, -1), slot_N[None],
+                   row_ExC.reshape(1, e * size, 1))[0]
 
-    # Rematerialised twice: its residuals, zero-filled whenever it is not taken, are only its
-    # input, and its backward pass keeps one pass's activations at a time.
-    @jax.checkpoint
-    def passes(x_NxD):
-      run = jax.checkpoint(lambda p: one_pass(c, p, x_NxD))
-      zero = jax.eval_shape(run, 0)
-      def step(y_NxD, p):
-        return y_NxD + jax.lax.cond(p < num_passes, run,
-                                    lambda p: jnp.zeros(zero.shape, zero.dtype), p), None
-      return jax.lax.scan(step, jnp.zeros(zero.shape, zero.dtype),
-                          jnp.arange(math.ceil(n / c)))[0]
 
-    branches.append(passes)
-  which = jnp.searchsorted(jnp.array(sizes), busiest)
-  return jax.lax.switch(which, branches, x_NxD)
+def _num_overflow_passes(group_sizes_E, first: int, size: int):
+  """Passes of ``size`` slots that the rows past offset ``first`` of the busiest expert need."""
+  return (jnp.maximum(jnp.max(group_sizes_E) - first, 0) + size - 1) // size
+
+
+def _main_buffer(experts, params, key, x_NxD, group_sizes_E):
+  c, _ = buffer_sizes(x_NxD.shape[0], group_sizes_E.shape[0])
+  return jax.vjp(lambda params, x_NxD: _slots(experts, params, key, x_NxD, group_sizes_E, 0, c),
+                 params, x_NxD)
+
+
+def _overflow_pass(experts, params, key, x_NxD, group_sizes_E, p):
+  c, c_over = buffer_sizes(x_NxD.shape[0], group_sizes_E.shape[0])
+  return _slots(experts, params, key, x_NxD, group_sizes_E, c + p * c_over, c_over)
+
+
+def _overflow_passes(group_sizes_E, n: int):
+  c, c_over = buffer_sizes(n, group_sizes_E.shape[0])
+  return _num_overflow_passes(group_sizes_E, c, c_over)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def run_bucketed(experts: Callable, params, key, x_NxD: jax.Array,
+                 group_sizes_E: jax.Array) -> jax.Array:
+  """``experts(params, x_ExCxD, key) -> y_ExCxD`` applied to rows x_NxD sorted by expert.
+
+  Each expert's first C rows (`buffer_sizes`) go into one expert buffer and come back in row
+  order. Rows past C, when some expert has them, take passes of C_overflow more slots per
+  expert, only as many as the busiest expert needs (a loop of data-dependent length, none
+  for balanced routing), each recomputed in the backward pass, so memory stays that of one
+  buffer whatever the routing. The result equals grouped matmuls over the rows; the padding
+  is the extra work. Autodiff cannot reverse such a loop, hence the hand-written gradient.
+  Choosing the main buffer among several sizes at run time (`jax.lax.switch`) was slower:
+  under autodiff a switch copies its branch's activations out and fills those of every
+  branch not taken with zeros.
+  """
+  y_NxD, _ = _main_buffer(experts, params, key, x_NxD, group_sizes_E)
+  body = lambda p, y: y + _overflow_pass(experts, params, key, x_NxD, group_sizes_E, p)
+  return jax.lax.fori_loop(0, _overflow_passes(group_sizes_E, x_NxD.shape[0]), body, y_NxD)
+
+
+def _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E):
+  y_NxD, main_vjp = _main_buffer(experts, params, key, x_NxD, group_sizes_E)
+  body = lambda p, y: y + _overflow_pass(experts, params, key, x_NxD, group_sizes_E, p)
+  y_NxD = jax.lax.fori_loop(0, _overflow_passes(group_sizes_E, x_NxD.shape[0]), body, y_NxD)
+  return y_NxD, (main_vjp, params, key, x_NxD, group_sizes_E)
+
+
+def _run_bucketed_bwd(experts, residuals, dy_NxD):
+  main_vjp, params, key, x_NxD, group_sizes_E = residuals
+
+  def body(p, grads):
+    _, vjp = jax.vjp(lambda params, x_NxD: _overflow_pass(experts, params, key, x_NxD,
+                                                          group_sizes_E, p), params, x_NxD)
+    return jax.tree.map(jnp.add, grads, vjp(dy_NxD))
+
+  d_params, d_x = jax.lax.fori_loop(0, _overflow_passes(group_sizes_E, x_NxD.shape[0]), body,
+                                    main_vjp(dy_NxD))
+  return d_params, None, d_x, None
+
+
+run_bucketed.defvjp(_run_bucketed_fwd, _run_bucketed_bwd)
 
 
 DISPATCHERS = {'einsum': EinsumDispatcher, 'gather': GatherDispatcher,

@@ -250,11 +250,13 @@ class MoeLayer(nnx.Module):
       key = None
       if self.cfg.expert_dropout > 0 and not deterministic:
         key = rngs.dropout()
-      # Rngs are stateful: each branch of run_bucketed's switch builds its own from the key.
-      return run_bucketed(
-          lambda x_ExCxD: self.experts(x_ExCxD, deterministic=deterministic,
-                                       rngs=None if key is None else nnx.Rngs(dropout=key)),
-          x, group_sizes_E)
+      graphdef, params = nnx.split(self.experts)
+
+      def experts(params, x_ExCxD, key):  # pure: run_bucketed differentiates it by hand
+        rngs = None if key is None else nnx.Rngs(dropout=key)
+        return nnx.merge(graphdef, params)(x_ExCxD, deterministic=deterministic, rngs=rngs)
+
+      return run_bucketed(experts, params, key, x, group_sizes_E)
     return self.experts(x, deterministic=deterministic, rngs=rngs, group_sizes_E=group_sizes_E)
 
   def bucketed(self) -> bool:

@@ -40,7 +40,8 @@ def test_layer_suite(tmp_path):
 
 def test_step_suite(tmp_path):
   small = 'model.num_layers=1,model.d_model=16,model.d_ff=32,model.num_heads=2,model.d_kv=8'
-  records, table = run(['--suite=step', '--cases=t5_tiny,switch_tiny:model.moe.num_experts=4',
+  records, table = run(['--suite=step', '--cases', 't5_tiny',
+                        'switch_tiny:model.moe.num_experts=4,model.remat=full',
                         '--steps=2', '--batch_size=8', f'--set={small}'], tmp_path)
   dense, switch = records
   assert (dense['num_experts'], switch['num_experts']) == (0, 4)
@@ -48,7 +49,7 @@ def test_step_suite(tmp_path):
   assert dense['tokens'] == switch['tokens'] == 8 * (128 + 32)
   for r in records:
     assert r['tokens_per_s'] > 0 and r['compile_s'] > 0 and r['mfu'] is None  # CPU: no peak
-  assert 'switch_tiny:model.moe.num_experts=4' in table
+  assert 'switch_tiny:model.moe.num_experts=4,model.remat=full' in table
 
 
 def test_bad_arguments_fail_in_one_line():

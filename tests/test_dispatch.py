@@ -408,9 +408,9 @@ def _grouped_reference(x, w, sizes):
   return np.concatenate(out)
 
 
-# Balanced (the smallest buffer), skewed into a larger bucket, every row on one expert (the
-# multi-pass fallback), empty experts, and N not a multiple of E.
-_SIZES = {'balanced': [13, 12, 12, 11], 'skewed': [20, 10, 10, 8],
+# Within the main buffer, a little past it (one overflow pass), every row on one expert (many
+# passes), empty experts, and N not a multiple of E.
+_SIZES = {'balanced': [13, 12, 12, 11], 'one_pass': [18, 10, 12, 8],
           'one_expert': [0, 48, 0, 0], 'empty': [30, 0, 18, 0], 'uneven': [13, 3, 9, 5]}
 
 
@@ -424,19 +424,18 @@ def test_run_bucketed_equals_ragged_dot(case):
   wo = jnp.asarray(rng.normal(size=(4, f, d)).astype(np.float32))
   ct = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
   group_sizes = jnp.asarray(sizes, jnp.int32)
-  buckets = dispatch_lib.bucket_capacities(n, 4)
-  taken = np.searchsorted(buckets, max(sizes))
-  # The cases cover both paths: one buffer, or passes of the largest one.
-  assert (taken == len(buckets)) == (case in ('one_expert', 'empty'))
+  c, c_over = dispatch_lib.buffer_sizes(n, 4)
+  passes = max(0, math.ceil((max(sizes) - c) / c_over))
+  assert passes == {'one_pass': 1, 'one_expert': 4, 'empty': 2}.get(case, 0)
 
   def ragged(x, wi, wo):
     h = jax.nn.relu(jax.lax.ragged_dot(x, wi, group_sizes))
     return jax.lax.ragged_dot(h, wo, group_sizes)
 
   def bucketed(x, wi, wo):
-    experts = lambda x_ExCxD: jnp.einsum(
-        'ecf,efd->ecd', jax.nn.relu(jnp.einsum('ecd,edf->ecf', x_ExCxD, wi)), wo)
-    return dispatch_lib.run_bucketed(experts, x, group_sizes)
+    experts = lambda w, x_ExCxD, key: jnp.einsum(
+        'ecf,efd->ecd', jax.nn.relu(jnp.einsum('ecd,edf->ecf', x_ExCxD, w['wi'])), w['wo'])
+    return dispatch_lib.run_bucketed(experts, {'wi': wi, 'wo': wo}, None, x, group_sizes)
 
   h_ref = np.maximum(_grouped_reference(np.asarray(x), np.asarray(wi), sizes), 0)
   y_ref = _grouped_reference(h_ref, np.asarray(wo), sizes)
@@ -447,10 +446,11 @@ def test_run_bucketed_equals_ragged_dot(case):
     np.testing.assert_allclose(gb, gr, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_bucket_capacities():
-  assert dispatch_lib.bucket_capacities(4096, 32) == (144, 160, 176, 192, 256)
-  assert dispatch_lib.bucket_capacities(16, 2) == (16,)          # capped at every row
-  assert all(c % 8 == 0 for c in dispatch_lib.bucket_capacities(1000, 7))
+def test_buffer_sizes():
+  assert dispatch_lib.buffer_sizes(4096, 32) == (160, 40)
+  assert dispatch_lib.buffer_sizes(48, 4) == (16, 8)
+  assert dispatch_lib.buffer_sizes(16, 2) == (16, 8)            # capped at every row
+  assert all(c % 8 == 0 for c in dispatch_lib.buffer_sizes(1000, 7))
 
 
 @pytest.mark.parametrize('router', ['switch', 'topk'])
