@@ -46,8 +46,9 @@ import numpy as np
 from flax import nnx
 
 from switchmoe import config as config_lib
+from switchmoe import dispatch as dispatch_lib
 from switchmoe import routing, train
-from switchmoe.dispatch import DISPATCHES, DROPLESS_IMPLS
+from switchmoe.dispatch import DISPATCHERS, DISPATCHES, DROPLESS_IMPLS
 from switchmoe.layers import FeedForward
 from switchmoe.main import load_config
 from switchmoe.moe import MoeConfig, MoeLayer
@@ -259,7 +260,8 @@ def run_step_suite(args, env: dict) -> list[dict]:
     perf = train.perf_metrics(config, s.mesh, step_s)
     moe = config.model.moe
     records.append({
-        'suite': 'step', 'case': case, 'dispatch': moe.dispatch if moe.every else 'dense',
+        'suite': 'step', 'case': case,
+        'dispatch': dispatch_lib.resolve(moe.dispatch) if moe.every else 'dense',
         'num_experts': moe.num_experts if moe.every else 0, 'tokens': train.tokens_per_step(config),
         'batch_size': config.train.batch_size, 'ms': step_s * 1e3,
         'tokens_per_s': perf['perf/tokens_per_sec'],
@@ -322,7 +324,7 @@ def parse_args(argv):
   p.add_argument('--d_model', type=int, default=256)
   p.add_argument('--d_ff', type=int, default=1024)
   p.add_argument('--experts', type=int_list, default=[8, 32])
-  p.add_argument('--dispatch', type=str_list, default=list(DISPATCHES))
+  p.add_argument('--dispatch', type=str_list, default=list(DISPATCHERS))
   p.add_argument('--group_sizes', type=int_list, default=[1024])
   p.add_argument('--capacity_factor', type=float, default=1.25)
   p.add_argument('--dtype', default='float32')

@@ -271,5 +271,15 @@ run_bucketed.defvjp(_run_bucketed_fwd, _run_bucketed_bwd)
 
 DISPATCHERS = {'einsum': EinsumDispatcher, 'gather': GatherDispatcher,
                'dropless': DroplessDispatcher}
-DISPATCHES = tuple(DISPATCHERS)
+DISPATCHES = ('auto', *DISPATCHERS)
 DROPLESS_IMPLS = ('auto', 'ragged_dot', 'bucketed')
+
+
+def resolve(dispatch: str) -> str:
+  """Config ``model.moe.dispatch`` with ``auto`` made concrete for the default backend: the
+  one-hot ``einsum`` on TPU (matmul units, slow gathers), ``gather`` elsewhere, which
+  scripts/benchmark.py measured 1.3-1.7x faster than einsum on CPU (docs/performance.md;
+  on GPU it is chosen unmeasured)."""
+  if dispatch != 'auto':
+    return dispatch
+  return 'einsum' if jax.default_backend() == 'tpu' else 'gather'

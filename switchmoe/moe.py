@@ -26,6 +26,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from switchmoe import routing, sharding
+from switchmoe import dispatch as dispatch_lib
 from switchmoe.dispatch import DISPATCHERS, run_bucketed
 from switchmoe.layers import Experts, FeedForward
 from switchmoe.sharding import constrain
@@ -293,7 +294,7 @@ class MoeLayer(nnx.Module):
     if self.sow_routing:
       self.sow(nnx.Intermediate, 'routing', r)
     # 2-4. Dispatch, run the experts, combine.
-    dispatcher = DISPATCHERS[c.dispatch](r, c.num_experts, capacity)
+    dispatcher = DISPATCHERS[dispatch_lib.resolve(c.dispatch)](r, c.num_experts, capacity)
     y_expert = self.run_experts(dispatcher.dispatch(x_GxSxD), dispatcher.group_sizes_E,
                                 deterministic=deterministic, rngs=rngs)
     y_GxSxD = dispatcher.combine(y_expert)
