@@ -208,7 +208,8 @@ def run_layer_suite(args, env: dict) -> list[dict]:
             'suite': 'layer', 'case': f'{name}/E{e}/G{group_size}', 'dispatch': name,
             'num_experts': 0 if name == 'dense' else e, 'group_size': group_size,
             'tokens': n, 'd_model': d, 'd_ff': f, 'dtype': args.dtype,
-            'capacity_factor': cf, 'max_load': None if name == 'dense' else max_load, 'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
+            'capacity_factor': cf, 'max_load': None if name == 'dense' else max_load,
+            'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
             'ratio_to_dense': ms / (dense_s * 1e3), 'ratio_to_floor': ms / (floor_s * 1e3),
             'floor_ms': floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
             'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})

@@ -28,13 +28,18 @@ import json
 import os
 import sys
 
-CONFIG_FILE = '''"""Fine-tune the checkpoint converted from {hf_dir}."""
+CONFIG_FILE = '''"""Fine-tune the checkpoint converted from {hf_dir}: the Switch Transformer
+recipe (SW §4) on a task's .jsonl files of {{"inputs": ..., "targets": ...}} records,
+
+  switchmoe-train --config={out}/config.py --config.data.files='task/*.jsonl' --workdir=...
+"""
 
 from switchmoe.checkpoint import find_config
+from switchmoe.config import finetune_recipe
 
 
 def get_config():
-  c = find_config({out!r})   # the converted model, with default data and training fields
+  c = finetune_recipe(find_config({out!r}))  # the converted model, its routing and tokenizer
   c.train.init_from = {out!r}
   return c
 '''

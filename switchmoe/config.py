@@ -17,7 +17,7 @@ OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 DTYPES = ('float32', 'bfloat16')
 NONFINITE = ('skip', 'stop')
-OBJECTIVES = {'encoder_decoder': ('span_corruption', 'prefix_lm'),
+OBJECTIVES = {'encoder_decoder': ('span_corruption', 'prefix_lm', 'supervised'),
               'decoder': ('causal_lm', 'prefix_lm')}
 
 
@@ -87,7 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
   d.train_split = 'train'
   d.eval_split = 'validation'  # lm1b has none: use 'test'
   d.tokenizer = 'byte'         # 'byte' | path to a SentencePiece .model (100 extra ids appended)
-  d.objective = 'span_corruption'  # encoder_decoder: | 'prefix_lm'; decoder: 'causal_lm' | 'prefix_lm'
+  d.objective = 'span_corruption'  # encoder_decoder: | 'prefix_lm' | 'supervised' (a task's
+                               # input -> target pairs); decoder: 'causal_lm' | 'prefix_lm'
+  d.inputs_field = 'inputs'    # objective='supervised': the features (or .jsonl keys) holding
+  d.targets_field = 'targets'  # each example's input and target text
   d.inputs_length = 128
   d.targets_length = 32
   d.noise_density = 0.15
@@ -124,6 +127,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.axes = ('data', 'expert')
   c.mesh.expert_parallel = 'gspmd'  # 'gspmd' (constraints) | 'shard_map' (explicit all_to_all)
   c.mesh.rules = ()            # overrides of sharding.DEFAULT_RULES: (('embed', 'fsdp'), ...)
+  return c
+
+
+def finetune_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The Switch Transformer fine-tuning setup (SW §4, Table 4), in place: dropout 0.1 outside
+  the experts and 0.4 inside them, Adafactor at a constant 1e-4, on a task's input -> target
+  pairs (``data.objective='supervised'``) read from local .jsonl files (``data.files``, with
+  ``data.inputs_field`` / ``targets_field``; set them, and ``train.init_from``)."""
+  c.model.dropout_rate = 0.1
+  c.model.moe.expert_dropout = 0.4
+  c.optim.name, c.optim.schedule = 'adafactor', 'constant'
+  c.optim.learning_rate, c.optim.warmup_steps = 1e-4, 0
+  c.data.source, c.data.objective = 'files', 'supervised'
   return c
 
 

@@ -3,6 +3,8 @@
 Per example, in order: read (random access, shuffled, sliced per process) -> tokenize (in
 ``data.num_workers`` worker processes) -> pack the token stream into fixed-length rows, each piece
 of a document its own segment -> objective (span corruption, prefix LM or causal LM) -> batch.
+The ``supervised`` objective (a task's input -> target pairs, for fine-tuning) skips packing:
+each example is one row, its input on the encoder side and its target on the decoder side.
 Every step is deterministic given config.seed, and the iterator's state is a small JSON dict saved
 in every training checkpoint, so a resumed run sees exactly the batches it would have seen.
 """
@@ -105,6 +107,21 @@ def objective_features(row: dict, rng: np.random.Generator, *, config, tokenizer
   }
 
 
+def supervised_features(example: dict, *, config, tokenizer) -> dict:
+  """A task example -> encoder-decoder features: data.inputs_field and data.targets_field
+  tokenized, each cut to leave room for EOS (as T5's fine-tuning does), closed with EOS and
+  padded to data.inputs_length / targets_length."""
+  d = config.data
+  sides = {}
+  for (setting, field), length in zip(sources.text_fields(config).items(),
+                                      (d.inputs_length, d.targets_length)):
+    ids_N = tokenizer.encode(sources.document_text(example, field, setting))
+    sides[setting] = np.append(ids_N[:length - 1], np.int32(tokenizer.eos_id))
+  return {'encoder_input_tokens': preprocessing.pad_or_truncate(sides['data.inputs_field'],
+                                                                d.inputs_length),
+          **preprocessing.decoder_features(sides['data.targets_field'], d.targets_length)}
+
+
 class PackedRows(grain.IterDataset):
   """Concatenates the parent's 1-D token arrays into one stream and cuts it into rows of ``length``.
 
@@ -188,6 +205,11 @@ def _batches(documents: grain.MapDataset, config, tokenizer, *, row_seed: int,
   Tokenizing runs in the workers; packing is stateful, so it runs after the fan-in and the
   batches do not depend on the number of workers.
   """
+  if config.data.objective == 'supervised':
+    examples = documents.repeat().map(
+        functools.partial(supervised_features, config=config, tokenizer=tokenizer))
+    examples = _prefetch(examples.to_iter_dataset(_READ_OPTIONS), num_workers)
+    return examples.batch(batch_size, drop_remainder=True)
   tokenize = functools.partial(tokenize_document, tokenizer=tokenizer, text_field=config.data.text_field,
                                append_eos=config.model.arch == 'decoder')
   tokens = _prefetch(documents.repeat().map(tokenize).to_iter_dataset(_READ_OPTIONS), num_workers)

@@ -210,9 +210,20 @@ def file_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
   ``.txt``: the file cut at blank lines into 1-4 KB passages (as the stdlib corpus).
   ``.jsonl``: one JSON object per non-blank line, its ``text_field`` string is a document.
   """
+  for record in file_records(path, (text_field,)):
+    yield record[text_field]
+
+
+def file_records(path: pathlib.Path, fields: tuple[str, ...]) -> Iterator[dict[str, str]]:
+  """The examples of one corpus file, in order, as {field: text} for each of ``fields``: the
+  passages of a ``.txt`` file (one field only) or those keys of each ``.jsonl`` record."""
   text = _read_text(path)
   if '.jsonl' not in path.name:
-    yield from split_passages(text)
+    if len(fields) > 1:
+      raise DataError(f'{path}: a .txt file has no fields {", ".join(map(repr, fields))}; '
+                      "data.objective='supervised' reads .jsonl records")
+    for passage in split_passages(text):
+      yield {fields[0]: passage}
     return
   for number, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
@@ -221,14 +232,24 @@ def file_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
       record = json.loads(line)
     except json.JSONDecodeError as err:
       raise DataError(f'{path} line {number}: not JSON ({err.msg})') from None
-    if not isinstance(record, dict) or text_field not in record:
-      fields = ', '.join(record) if isinstance(record, dict) else type(record).__name__
-      raise DataError(f'{path} line {number}: no field {text_field!r} (has: {fields}); '
-                      'set data.text_field')
-    if not isinstance(record[text_field], str):
-      raise DataError(f'{path} line {number}: field {text_field!r} is '
-                      f'{type(record[text_field]).__name__}, not a string')
-    yield record[text_field]
+    for field in fields:
+      if not isinstance(record, dict) or field not in record:
+        has = ', '.join(record) if isinstance(record, dict) else type(record).__name__
+        setting = 'data.text_field' if len(fields) == 1 else 'data.inputs_field / targets_field'
+        raise DataError(f'{path} line {number}: no field {field!r} (has: {has}); set {setting}')
+      if not isinstance(record[field], str):
+        raise DataError(f'{path} line {number}: field {field!r} is '
+                        f'{type(record[field]).__name__}, not a string')
+    yield {field: record[field] for field in fields}
+
+
+def text_fields(config) -> dict[str, str]:
+  """The text features each example of ``config.data`` needs, by the setting that names them:
+  data.inputs_field and data.targets_field for objective 'supervised', else data.text_field."""
+  d = config.data
+  if d.objective == 'supervised':
+    return {'data.inputs_field': d.inputs_field, 'data.targets_field': d.targets_field}
+  return {'data.text_field': d.text_field}
 
 
 def _fingerprint(paths: list[pathlib.Path], text_field: str) -> str:
@@ -243,7 +264,11 @@ def _fingerprint(paths: list[pathlib.Path], text_field: str) -> str:
 @dataclasses.dataclass
 class TextFilesConfig(tfds.core.BuilderConfig):
   files: tuple[str, ...] = ()
-  text_field: str = 'text'
+  text_field: str = 'text'  # the fields read from each record, comma-separated
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return tuple(self.text_field.split(','))
 
 
 class SwitchmoeFiles(tfds.core.GeneratorBasedBuilder):
@@ -263,7 +288,8 @@ class SwitchmoeFiles(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=f'{self.__doc__}\nFiles: {", ".join(self.builder_config.files)}',
         # Stored under the field name it was read from, so data.text_field reads it back.
-        features=tfds.features.FeaturesDict({self.builder_config.text_field: tfds.features.Text()}),
+        features=tfds.features.FeaturesDict(
+            {field: tfds.features.Text() for field in self.builder_config.fields}),
     )
 
   _document_keys = None
@@ -276,7 +302,7 @@ class SwitchmoeFiles(tfds.core.GeneratorBasedBuilder):
     if self._document_keys is None:
       paths = [pathlib.Path(p) for p in self.builder_config.files]
       keys = [f'{path}:{i}' for path in paths
-              for i, _ in enumerate(file_documents(path, self.builder_config.text_field))]
+              for i, _ in enumerate(file_records(path, self.builder_config.fields))]
       if len(keys) < 2:
         raise DataError(f'data.files: {len(keys)} document(s) in {len(paths)} file(s); at least '
                         '2 are needed for a train and a validation split')
@@ -294,15 +320,16 @@ class SwitchmoeFiles(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, paths, validation: set[str], is_validation: bool):
     for path in paths:
-      for i, document in enumerate(file_documents(path, self.builder_config.text_field)):
+      for i, record in enumerate(file_records(path, self.builder_config.fields)):
         key = f'{path}:{i}'
         if (key in validation) == is_validation:
-          yield key, {self.builder_config.text_field: document}
+          yield key, record
 
 
 def files_builder(files: str, text_field: str, dataset_name: str,
                   data_dir: str) -> SwitchmoeFiles:
-  """The builder for ``data.files``; ``dataset_name`` '' names it by the files' fingerprint."""
+  """The builder for ``data.files``, reading the fields ``text_field`` (comma-separated);
+  ``dataset_name`` '' names it by the files' fingerprint."""
   paths = match_files(files)
   name = dataset_name or f'files_{_fingerprint(paths, text_field)}'
   config = TextFilesConfig(name=name, files=tuple(map(str, paths)), text_field=text_field)
@@ -387,7 +414,8 @@ def builder_for(config) -> tfds.core.DatasetBuilder:
   if d.source == 'stdlib':
     return stdlib_builder(data_dir)
   if d.source == 'files':
-    return prepare(lambda: files_builder(d.files, d.text_field, d.dataset_name, data_dir),
+    fields = ','.join(text_fields(config).values())
+    return prepare(lambda: files_builder(d.files, fields, d.dataset_name, data_dir),
                    data_dir, check=SwitchmoeFiles.check_files)
   return _registered_builder(d.source, data_dir)
 
@@ -398,7 +426,7 @@ def dataset_identity(config) -> str:
   ``data.dataset_name``; otherwise the prepared dataset's ``name/config/version``."""
   d = config.data
   if d.source == 'files':
-    return f'files:{_fingerprint(match_files(d.files), d.text_field)}'
+    return f'files:{_fingerprint(match_files(d.files), ",".join(text_fields(config).values()))}'
   return builder_for(config).info.full_name
 
 
@@ -416,14 +444,16 @@ def open_split(config, split: str):
   source = builder.as_data_source(split=split)
   if not len(source):
     raise DataError(f'data.source={config.data.source!r}: split {split!r} is empty')
-  document_text(source[0], config.data.text_field)  # Fails now rather than in a worker later.
+  for setting, field in text_fields(config).items():  # Fails now, not in a worker later.
+    document_text(source[0], field, setting)
   return source
 
 
-def document_text(example: dict, text_field: str) -> str:
-  """The text feature of one example, decoded; a one-line DataError names a missing field."""
+def document_text(example: dict, text_field: str, setting: str = 'data.text_field') -> str:
+  """The text feature of one example, decoded; a one-line DataError names a missing field
+  by the config ``setting`` that chose it."""
   if text_field not in example:
-    raise DataError(f'data.text_field={text_field!r}: not a feature of the dataset; it has '
+    raise DataError(f'{setting}={text_field!r}: not a feature of the dataset; it has '
                     f'{", ".join(sorted(example))}')
   value = example[text_field]
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)

@@ -56,4 +56,5 @@ def test_bad_arguments_fail_in_one_line():
   done = subprocess.run([sys.executable, 'scripts/benchmark.py', '--dispatch=einsum,fast'],
                         cwd=REPO, capture_output=True, text=True, timeout=60)
   assert done.returncode == 2
-  assert "--dispatch=fast: not an option; allowed: auto, einsum, gather, dropless, dropless:auto" in done.stderr
+  assert ('--dispatch=fast: not an option; allowed: auto, einsum, gather, dropless, '
+          'dropless:auto') in done.stderr

@@ -273,3 +273,89 @@ def test_encoder_decoder_prefix_lm_batches(data_dir, corpus):
       stretch = np.concatenate([inputs[:-1], targets[:-1]])
       assert len(stretch) == config.data.inputs_length - 1
       assert bytes((stretch - 3).tolist()) in joined
+
+
+# ----------------------------------------------------------------------------- supervised
+
+
+def write_task(folder, n=40):
+  """A task's .jsonl: n input -> target records; every 7th input is too long for the encoder."""
+  folder.mkdir(parents=True, exist_ok=True)
+  records = [{'inputs': f'question {i}: ' + ('why ' * 30 if i % 7 == 0 else 'what is it?'),
+              'targets': f'answer {i}', 'id': i} for i in range(n)]
+  (folder / 'task.jsonl').write_text('\n'.join(json.dumps(r) for r in records), encoding='utf-8')
+  return records
+
+
+def supervised_config(tmp_path, **fields):
+  fields = {'files': str(tmp_path / 'task' / '*.jsonl'), **fields}
+  return make_config(str(tmp_path / 'tfds'), source='files', objective='supervised',
+                     inputs_length=64, targets_length=16, **fields)
+
+
+def side_text(ids):
+  """The text of one side of an example: its real tokens before EOS, as bytes."""
+  ids = ids[ids > 0]
+  assert ids[-1] == TOKENIZER.eos_id
+  return TOKENIZER.decode(ids[:-1])
+
+
+def test_supervised_batches_pair_each_input_with_its_target(tmp_path):
+  records = write_task(tmp_path / 'task')
+  config = supervised_config(tmp_path)
+  answer = {r['inputs'].encode()[:63].decode(): r['targets'] for r in records}
+  iterator = data.make_train_iterator(config, batch_size=4)
+  seen = set()
+  for batch in take(iterator, 10):
+    assert batch['encoder_input_tokens'].shape == (4, 64)
+    for i in range(4):
+      question, target = (side_text(batch['encoder_input_tokens'][i]),
+                          side_text(batch['decoder_target_tokens'][i]))
+      assert answer[question] == target  # the input cut to 63 tokens + EOS, its own target
+      seen.add(question)
+      length = len(target.encode()) + 1
+      np.testing.assert_array_equal(batch['decoder_loss_weights'][i],
+                                    np.arange(16) < length)
+      np.testing.assert_array_equal(batch['decoder_input_tokens'][i][1:length],
+                                    batch['decoder_target_tokens'][i][:length - 1])
+      assert batch['decoder_input_tokens'][i][0] == 0
+  assert len(seen) >= 30  # shuffled whole examples, not one repeated
+  assert_resumes_exactly(config, iterator, 3)
+  held_out = data.make_eval_batches(config, batch_size=2, num_batches=2)
+  for batch in held_out:
+    for inputs, targets in zip(batch['encoder_input_tokens'], batch['decoder_target_tokens']):
+      assert answer[side_text(inputs)] == side_text(targets)
+  assert not {side_text(b) for batch in held_out for b in batch['encoder_input_tokens']} & seen
+
+
+@pytest.mark.parametrize('content, message', [
+    ('{"inputs": "a", "answer": "b"}\n{"inputs": "c", "answer": "d"}',
+     r"task\.jsonl line 1: no field 'targets' \(has: inputs, answer\); set "
+     r"data\.inputs_field / targets_field$"),
+    ('{"inputs": "a", "targets": 3}', r"task\.jsonl line 1: field 'targets' is int, not a string$"),
+])
+def test_supervised_bad_task_file_raises_one_line(tmp_path, content, message):
+  (tmp_path / 'task').mkdir()
+  (tmp_path / 'task' / 'task.jsonl').write_text(content, encoding='utf-8')
+  with pytest.raises(Exception, match=message) as error:
+    data.make_train_iterator(supervised_config(tmp_path), batch_size=2)
+  assert '\n' not in str(error.value)
+
+
+def test_supervised_reads_jsonl_only(tmp_path):
+  (tmp_path / 'task').mkdir()
+  (tmp_path / 'task' / 'notes.txt').write_text('one\n\ntwo', encoding='utf-8')
+  config = supervised_config(tmp_path, files=str(tmp_path / 'task' / '*.txt'))
+  with pytest.raises(Exception, match=r"notes\.txt: a \.txt file has no fields 'inputs', "
+                                      r"'targets'; data\.objective='supervised' reads \.jsonl"):
+    data.make_train_iterator(config, batch_size=2)
+
+
+def test_supervised_other_field_names(tmp_path):
+  (tmp_path / 'task').mkdir()
+  rows = [{'question': f'q{i}', 'answer': f'a{i}'} for i in range(60)]
+  (tmp_path / 'task' / 'qa.jsonl').write_text('\n'.join(map(json.dumps, rows)), encoding='utf-8')
+  config = supervised_config(tmp_path, inputs_field='question', targets_field='answer')
+  batch = next(data.make_train_iterator(config, batch_size=4))
+  for inputs, targets in zip(batch['encoder_input_tokens'], batch['decoder_target_tokens']):
+    assert side_text(inputs)[1:] == side_text(targets)[1:]  # q17 -> a17
