@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ('suite', 'case', 'dispatch', 'num_experts', 'tokens', 'ms', 'ratio_to_dense',
           'ratio_to_floor', 'peak_bytes', 'platform', 'device_kind')
@@ -38,6 +40,7 @@ def test_layer_suite(tmp_path):
     assert case in table
 
 
+@pytest.mark.slow  # test_readme runs the README's step-suite command in the default suite
 def test_step_suite(tmp_path):
   small = 'model.num_layers=1,model.d_model=16,model.d_ff=32,model.num_heads=2,model.d_kv=8'
   records, table = run(['--suite=step', '--cases', 't5_tiny',
