@@ -3,25 +3,25 @@
 A dispatcher is built from one `routing.Routing` and has two steps around the experts call:
 ``dispatch(x_GxSxD)`` gives the experts' input and ``combine(y)`` turns the experts' output
 into y_GxSxD, each token's kept choices summed with their gates (0 for a token routed
-nowhere). Config ``model.moe.dispatch`` picks one:
+nowhere). Config ``model.moe.dispatch`` picks one (``auto``: `resolve`):
 
 - ``einsum``: one-hot dispatch and combine tensors [G, S, E, C] (GShard / Mesh TF); expert
   buffer x_ExGxCxD.
 - ``gather``: the same buffer, filled and read back by index (slot-to-token), with no
   one-hot matmul.
 - ``dropless``: no capacity. The (token, choice) pairs are sorted by expert into rows
-  x_NxD, and ``group_sizes_E`` says how many rows each expert owns, for grouped matmuls
-  (`jax.lax.ragged_dot`); nothing is dropped or padded.
+  x_NxD, and ``group_sizes_E`` says how many rows each expert owns, for grouped matmuls;
+  nothing is dropped.
 
 Buffered dispatchers have ``group_sizes_E`` None. Nothing here owns parameters or runs the
 experts (`switchmoe.moe.MoeLayer` does both).
 
 Every move of rows is `take_rows`, a gather whose gradient is a gather too: each dispatcher
-knows where every row went, so the backward pass never scatters (scatter-add is the slow
-path on CPU and serialises on GPU). Rows sorted by expert run either as `jax.lax.ragged_dot`
-grouped matmuls or, through `run_bucketed`, as an expert buffer just large enough for the
-busiest expert; ``model.moe.dropless_impl`` picks (``auto``: buffers on CPU, whose
-ragged_dot does every expert's work on every row, ragged_dot elsewhere).
+knows where every row went, so the backward pass never scatter-adds. Rows sorted by expert
+run either as `jax.lax.ragged_dot` grouped matmuls or, through `run_bucketed`, as one padded
+expert buffer plus overflow passes for busier experts; ``model.moe.dropless_impl`` picks
+(``auto``: `run_bucketed` on CPU, whose ragged_dot does every expert's work on every row,
+ragged_dot elsewhere).
 
 Shape suffixes: G groups, S tokens per group, D d_model, E experts, C capacity, K choices
 per token, N = G*S*K (token, choice) pairs.
