@@ -136,6 +136,11 @@ def moe_config(num_experts: int, dispatch: str, group_size: int, capacity_factor
   return MoeConfig.from_config(moe, causal=False, expert_parallel='gspmd')
 
 
+def routing_rngs() -> nnx.Rngs:
+  """Every routing randomness stream, as the training loop passes them."""
+  return nnx.Rngs(**{name: i for i, name in enumerate(routing.RNG_STREAMS)})
+
+
 def layer_fn(module: nnx.Module, is_moe: bool):
   """Jitted (state, x, cotangent) -> gradients of <y, cotangent> (+ aux losses) w.r.t.
   the weights and x: one forward and one backward pass of ``module``."""
@@ -144,7 +149,7 @@ def layer_fn(module: nnx.Module, is_moe: bool):
   def loss(state, x_BxLxD, ct_BxLxD):
     m = nnx.merge(graphdef, state)
     if is_moe:
-      rngs = nnx.Rngs(**{name: i for i, name in enumerate(routing.RNG_STREAMS)})
+      rngs = routing_rngs()
       y, stats = m(x_BxLxD, deterministic=False, rngs=rngs)
       extra = sum(stats.losses.values())
     else:
@@ -158,7 +163,7 @@ def busiest_expert(layer: MoeLayer, x_BxLxD: jax.Array) -> float:
   """The top-1 load of the busiest expert over the mean, for these tokens (every layer of one
   case has the same router, so the same routing): what capacity padding and dropless
   buffers are sized against."""
-  rngs = nnx.Rngs(**{name: i for i, name in enumerate(routing.RNG_STREAMS)})
+  rngs = routing_rngs()
   _, stats = nnx.jit(lambda m, x, rngs: m(x, deterministic=False, rngs=rngs))(layer, x_BxLxD,
                                                                            rngs)
   fraction_E = stats.diagnostics['expert_fraction_E']

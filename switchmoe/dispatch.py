@@ -181,20 +181,20 @@ def buffer_sizes(num_rows: int, num_experts: int) -> tuple[int, int]:
 
 
 def _sorted_layout(group_sizes_E: jax.Array, n: int):
-  """(starts_E, expert_N, offset_N): each expert's first row, and each row's expert and
-  offset inside its expert, of rows sorted by expert."""
+  """(group_sizes_E, starts_E, expert_N, offset_N) of n rows sorted by expert: each expert's
+  row count and first row, and each row's expert and offset inside its expert."""
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
   expert_N = jnp.searchsorted(ends_E, jnp.arange(n), side='right').astype(jnp.int32)
-  return starts_E, expert_N, jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
+  return group_sizes_E, starts_E, expert_N, jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
 
 
-def _slots(experts, params, key, x_NxD, group_sizes_E, first, size: int):
+def _slots(experts, params, key, x_NxD, layout, first, size: int):
   """y_NxD of ``experts`` on the rows at offsets first .. first + size - 1 of their expert
   (an [E, size] buffer), 0 for the other rows. ``first`` may be traced."""
   n, d = x_NxD.shape
+  group_sizes_E, starts_E, expert_N, offset_N = layout
   e = group_sizes_E.shape[0]
-  starts_E, expert_N, offset_N = _sorted_layout(group_sizes_E, n)
   slot_C = first + jnp.arange(size, dtype=jnp.int32)
   row_ExC = jnp.where(slot_C < group_sizes_E[:, None], starts_E[:, None] + slot_C, n)
   here_N = (offset_N >= first) & (offset_N < first + size)
@@ -205,25 +205,13 @@ def _slots(experts, params, key, x_NxD, group_sizes_E, first, size: int):
                    row_ExC.reshape(1, e * size, 1))[0]
 
 
-def _num_overflow_passes(group_sizes_E, first: int, size: int):
-  """Passes of ``size`` slots that the rows past offset ``first`` of the busiest expert need."""
-  return (jnp.maximum(jnp.max(group_sizes_E) - first, 0) + size - 1) // size
-
-
-def _main_buffer(experts, params, key, x_NxD, group_sizes_E):
-  c, _ = buffer_sizes(x_NxD.shape[0], group_sizes_E.shape[0])
-  return jax.vjp(lambda params, x_NxD: _slots(experts, params, key, x_NxD, group_sizes_E, 0, c),
-                 params, x_NxD)
-
-
-def _overflow_pass(experts, params, key, x_NxD, group_sizes_E, p):
+def _overflow(experts, params, key, x_NxD, layout):
+  """(number of overflow passes the busiest expert needs, pass p -> its y_NxD)."""
+  group_sizes_E = layout[0]
   c, c_over = buffer_sizes(x_NxD.shape[0], group_sizes_E.shape[0])
-  return _slots(experts, params, key, x_NxD, group_sizes_E, c + p * c_over, c_over)
-
-
-def _overflow_passes(group_sizes_E, n: int):
-  c, c_over = buffer_sizes(n, group_sizes_E.shape[0])
-  return _num_overflow_passes(group_sizes_E, c, c_over)
+  num_passes = (jnp.maximum(jnp.max(group_sizes_E) - c, 0) + c_over - 1) // c_over
+  return num_passes, lambda p, params=params, x_NxD=x_NxD: _slots(
+      experts, params, key, x_NxD, layout, c + p * c_over, c_over)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -241,28 +229,28 @@ def run_bucketed(experts: Callable, params, key, x_NxD: jax.Array,
   under autodiff a switch copies its branch's activations out and fills those of every
   branch not taken with zeros.
   """
-  y_NxD, _ = _main_buffer(experts, params, key, x_NxD, group_sizes_E)
-  body = lambda p, y: y + _overflow_pass(experts, params, key, x_NxD, group_sizes_E, p)
-  return jax.lax.fori_loop(0, _overflow_passes(group_sizes_E, x_NxD.shape[0]), body, y_NxD)
+  return _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E)[0]
 
 
 def _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E):
-  y_NxD, main_vjp = _main_buffer(experts, params, key, x_NxD, group_sizes_E)
-  body = lambda p, y: y + _overflow_pass(experts, params, key, x_NxD, group_sizes_E, p)
-  y_NxD = jax.lax.fori_loop(0, _overflow_passes(group_sizes_E, x_NxD.shape[0]), body, y_NxD)
-  return y_NxD, (main_vjp, params, key, x_NxD, group_sizes_E)
+  layout = _sorted_layout(group_sizes_E, x_NxD.shape[0])
+  c, _ = buffer_sizes(x_NxD.shape[0], group_sizes_E.shape[0])
+  y_NxD, main_vjp = jax.vjp(
+      lambda params, x_NxD: _slots(experts, params, key, x_NxD, layout, 0, c), params, x_NxD)
+  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout)
+  y_NxD = jax.lax.fori_loop(0, num_passes, lambda p, y: y + one_pass(p), y_NxD)
+  return y_NxD, (main_vjp, params, key, x_NxD, layout)
 
 
 def _run_bucketed_bwd(experts, residuals, dy_NxD):
-  main_vjp, params, key, x_NxD, group_sizes_E = residuals
+  main_vjp, params, key, x_NxD, layout = residuals
+  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout)
 
   def body(p, grads):
-    _, vjp = jax.vjp(lambda params, x_NxD: _overflow_pass(experts, params, key, x_NxD,
-                                                          group_sizes_E, p), params, x_NxD)
+    _, vjp = jax.vjp(lambda params, x_NxD: one_pass(p, params, x_NxD), params, x_NxD)
     return jax.tree.map(jnp.add, grads, vjp(dy_NxD))
 
-  d_params, d_x = jax.lax.fori_loop(0, _overflow_passes(group_sizes_E, x_NxD.shape[0]), body,
-                                    main_vjp(dy_NxD))
+  d_params, d_x = jax.lax.fori_loop(0, num_passes, body, main_vjp(dy_NxD))
   return d_params, None, d_x, None
 
 
@@ -273,6 +261,13 @@ DISPATCHERS = {'einsum': EinsumDispatcher, 'gather': GatherDispatcher,
                'dropless': DroplessDispatcher}
 DISPATCHES = ('auto', *DISPATCHERS)
 DROPLESS_IMPLS = ('auto', 'ragged_dot', 'bucketed')
+
+
+def uses_buckets(dropless_impl: str) -> bool:
+  """Whether config ``model.moe.dropless_impl`` runs rows sorted by expert through
+  `run_bucketed` rather than ragged_dot: ``auto`` means on CPU only."""
+  return dropless_impl == 'bucketed' or (dropless_impl == 'auto'
+                                         and jax.default_backend() == 'cpu')
 
 
 def resolve(dispatch: str) -> str:

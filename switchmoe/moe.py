@@ -238,33 +238,27 @@ class MoeLayer(nnx.Module):
     """The experts on a dispatcher's output; the only step that expert parallelism changes.
 
     ``shard_map`` applies to expert buffers on an ``expert`` mesh axis of more than one
-    device; rows sorted by expert (``dropless``) are always left to GSPMD.
+    device; rows sorted by expert (``dropless``) are always left to GSPMD, and run as
+    `dispatch.run_bucketed` where ``dropless_impl`` says so.
     """
     axis_size = sharding.mesh_axis_size('expert')
-    if self.cfg.expert_parallel == 'shard_map' and group_sizes_E is None and axis_size > 1:
-      key = None
-      if self.cfg.expert_dropout > 0 and not deterministic:
-        key = rngs.dropout()
+    by_hand = self.cfg.expert_parallel == 'shard_map' and group_sizes_E is None and axis_size > 1
+    bucketed = group_sizes_E is not None and dispatch_lib.uses_buckets(self.cfg.dropless_impl)
+    if not (by_hand or bucketed):
+      return self.experts(x, deterministic=deterministic, rngs=rngs,
+                          group_sizes_E=group_sizes_E)
+    # Experts run under a transform get their dropout as a key (None: no expert dropout).
+    key = rngs.dropout() if self.cfg.expert_dropout > 0 and not deterministic else None
+    if by_hand:
       return all_to_all_experts(self.experts, x, axis_size, deterministic=deterministic,
                                 key=key)
-    if group_sizes_E is not None and self.bucketed():
-      key = None
-      if self.cfg.expert_dropout > 0 and not deterministic:
-        key = rngs.dropout()
-      graphdef, params = nnx.split(self.experts)
+    graphdef, params = nnx.split(self.experts)
 
-      def experts(params, x_ExCxD, key):  # pure: run_bucketed differentiates it by hand
-        rngs = None if key is None else nnx.Rngs(dropout=key)
-        return nnx.merge(graphdef, params)(x_ExCxD, deterministic=deterministic, rngs=rngs)
+    def experts(params, x_ExCxD, key):  # pure: run_bucketed differentiates it by hand
+      rngs = None if key is None else nnx.Rngs(dropout=key)
+      return nnx.merge(graphdef, params)(x_ExCxD, deterministic=deterministic, rngs=rngs)
 
-      return run_bucketed(experts, params, key, x, group_sizes_E)
-    return self.experts(x, deterministic=deterministic, rngs=rngs, group_sizes_E=group_sizes_E)
-
-  def bucketed(self) -> bool:
-    """Whether rows sorted by expert run as padded buffers (`dispatch.run_bucketed`) rather
-    than ragged_dot: config ``dropless_impl``, ``auto`` meaning on CPU only."""
-    impl = self.cfg.dropless_impl
-    return impl == 'bucketed' or (impl == 'auto' and jax.default_backend() == 'cpu')
+    return run_bucketed(experts, params, key, x, group_sizes_E)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
                valid_BxL: jax.Array | None = None, decoding: bool = False

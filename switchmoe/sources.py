@@ -204,19 +204,12 @@ def _read_text(path: pathlib.Path) -> str:
   return text
 
 
-def file_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
-  """The documents of one corpus file, in order.
-
-  ``.txt``: the file cut at blank lines into 1-4 KB passages (as the stdlib corpus).
-  ``.jsonl``: one JSON object per non-blank line, its ``text_field`` string is a document.
-  """
-  for record in file_records(path, (text_field,)):
-    yield record[text_field]
-
-
 def file_records(path: pathlib.Path, fields: tuple[str, ...]) -> Iterator[dict[str, str]]:
-  """The examples of one corpus file, in order, as {field: text} for each of ``fields``: the
-  passages of a ``.txt`` file (one field only) or those keys of each ``.jsonl`` record."""
+  """The examples of one corpus file, in order, as {field: text} for each of ``fields``.
+
+  ``.txt``: the file cut at blank lines into 1-4 KB passages (as the stdlib corpus), under
+  the one field. ``.jsonl``: one JSON object per non-blank line, whose ``fields`` are strings.
+  """
   text = _read_text(path)
   if '.jsonl' not in path.name:
     if len(fields) > 1:
