@@ -4,7 +4,10 @@ A HuggingFace folder holds ``config.json``, the weights as ``model.safetensors``
 listed in ``model.safetensors.index.json``, and usually the tokenizer ``spiece.model``. It is
 read with ``safetensors`` and NumPy only (no torch), one tensor at a time, and every tensor
 must map onto switchmoe's parameter tree and back: a tensor of the folder that nothing reads,
-or a parameter that nothing fills, is an error.
+or a parameter that nothing fills, is an error. Shapes are checked from the files' headers
+before any weight is read. Given a mesh, `load_hf_params` streams the weights onto it: each
+process reads only the blocks its devices hold, one at a time, so a checkpoint larger than
+any host (switch-c-2048) converts as long as the mesh holds it.
 
 Conventions that differ, and how a conversion keeps the checkpoint's function:
 - T5 does not scale attention logits by 1/sqrt(d_kv); switchmoe does, so the query weights
@@ -50,11 +53,16 @@ _SINGLE = 'model.safetensors'
 
 
 class _Tensors:
-  """The folder's tensors by name, read on demand from one file or an index of shards."""
+  """The folder's tensors by name, read on demand from one file or an index of shards.
+
+  Each file is opened once (safetensors maps it), so reading one tensor, or asking its shape,
+  touches only that tensor's bytes.
+  """
 
   def __init__(self, folder: str):
     from safetensors import safe_open
     self._open = lambda path: safe_open(path, framework='np')
+    self._handles: dict[str, tuple] = {}
     index = os.path.join(folder, _INDEX)
     if os.path.isfile(index):
       try:
@@ -68,8 +76,7 @@ class _Tensors:
           raise ValueError(f'{index}: names shard {os.path.basename(shard)}, which is missing')
     elif os.path.isfile(os.path.join(folder, _SINGLE)):
       path = os.path.join(folder, _SINGLE)
-      with self._open(path) as f:
-        self.files = {name: path for name in f.keys()}
+      self.files = {name: path for name in self._handle_of(path)[1]}
     else:
       raise ValueError(f'{folder}: no weights ({_SINGLE} or {_INDEX}); only safetensors '
                        'checkpoints are read')
@@ -77,11 +84,24 @@ class _Tensors:
   def __iter__(self) -> Iterator[str]:
     return iter(self.files)
 
+  def _handle_of(self, path: str) -> tuple:
+    if path not in self._handles:
+      handle = self._open(path)
+      self._handles[path] = (handle, frozenset(handle.keys()))
+    return self._handles[path]
+
+  def _handle(self, name: str):
+    handle, names = self._handle_of(self.files[name])
+    if name not in names:
+      raise ValueError(f'{self.files[name]}: lacks {name}, which the index places there')
+    return handle
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The tensor's shape, from the file's header alone."""
+    return tuple(self._handle(name).get_slice(name).get_shape())
+
   def read(self, name: str) -> np.ndarray:
-    with self._open(self.files[name]) as f:
-      if name not in f.keys():
-        raise ValueError(f'{self.files[name]}: lacks {name}, which the index places there')
-      return np.asarray(f.get_tensor(name), np.float32)
+    return np.asarray(self._handle(name).get_tensor(name), np.float32)
 
 
 def read_hf_config(folder: str) -> dict:
@@ -178,7 +198,7 @@ class Layout:
   to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-SAME = Layout(np.asarray, np.asarray)
+SAME = Layout(lambda x: x, lambda x: x)
 LINEAR = Layout(lambda w_OxI: w_OxI.T, lambda w_IxO: w_IxO.T)   # [out, in] <-> [in, out]
 
 
@@ -251,36 +271,49 @@ def tensor_names(c: ml_collections.ConfigDict) -> list[tuple[str, str, Layout]]:
 _TIED_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
 
 
-def hf_params(folder: str, c: ml_collections.ConfigDict,
-              expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-  """{switchmoe path: float32 array} of the folder's tensors, read one at a time.
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """The HF tensors of one switchmoe parameter: one name, or one per expert (``stacked``:
+  they stack into the parameter's leading expert dimension)."""
+  names: tuple[str, ...]
+  layout: Layout
+  stacked: bool
+
+
+def _sources(tensors: _Tensors, folder: str, c: ml_collections.ConfigDict,
+             expected: dict[str, tuple[int, ...]]) -> dict[str, _Source]:
+  """{switchmoe path: its HF tensors}, checked against the files' headers before any weight
+  is read (but for the stored copies of ``shared.weight``, which are compared with it).
 
   ``expected``: {switchmoe path: shape} of the model built from ``c``. ValueError naming the
   tensor for one that is missing, misshaped, or maps to nothing.
   """
-  tensors = _Tensors(folder)
+  import jax
   available = set(tensors)
-  params, used = {}, set()
+  sources, used = {}, set()
   for hf_name, path, layout in tensor_names(c):
     if path not in expected:
       raise ValueError(f'{folder}: {hf_name} maps to {path}, which this model lacks')
-    if '{e}' in hf_name:
-      names = [hf_name.format(e=e) for e in range(c.model.moe.num_experts)]
-    else:
-      names = [hf_name]
-    arrays = []
+    stacked = '{e}' in hf_name
+    names = [hf_name.format(e=e) for e in range(c.model.moe.num_experts)] if stacked else [
+        hf_name]
+    # No lm_head: the output goes through the input embedding, unscaled, as HF does.
+    names = ['shared.weight' if n == 'lm_head.weight' and n not in available else n
+             for n in names]
     for name in names:
-      if name == 'lm_head.weight' and name not in available:
-        name = 'shared.weight'  # unscaled output through the input embedding, as HF does
       if name not in available:
         raise ValueError(f'{folder}: lacks tensor {name} (for {path})')
-      arrays.append(layout.to_ours(tensors.read(name)))
-      used.add(name)
-    array = np.stack(arrays) if '{e}' in hf_name else arrays[0]
-    if array.shape != tuple(expected[path]):
+      if tensors.shape(name) != tensors.shape(names[0]):
+        raise ValueError(f'{folder}: tensor {name} is {tensors.shape(name)}, '
+                         f'{names[0]} is {tensors.shape(names[0])}; experts must agree')
+    shape = jax.eval_shape(layout.to_ours, jax.ShapeDtypeStruct(tensors.shape(names[0]),
+                                                                np.float32)).shape
+    shape = (len(names), *shape) if stacked else tuple(shape)
+    if shape != tuple(expected[path]):
       raise ValueError(f'{folder}: tensor {hf_name.format(e=0)} gives {path} the shape '
-                       f'{array.shape}; the config needs {tuple(expected[path])}')
-    params[path] = array.astype(np.float32)
+                       f'{shape}; the config needs {tuple(expected[path])}')
+    sources[path] = _Source(tuple(names), layout, stacked)
+    used.update(names)
   for name in sorted(set(_TIED_COPIES) & available):
     if not np.array_equal(tensors.read(name), tensors.read('shared.weight')):
       raise ValueError(f'{folder}: {name} differs from shared.weight; only copies of it are '
@@ -295,44 +328,92 @@ def hf_params(folder: str, c: ml_collections.ConfigDict,
   if unused:
     raise ValueError(f'{folder}: {len(unused)} tensor(s) map to nothing in switchmoe, e.g. '
                      f'{unused[0]}')
-  missing = sorted(set(expected) - set(params))
+  missing = sorted(set(expected) - set(sources))
   if missing:
     raise ValueError(f'{folder}: nothing fills the parameter {missing[0]}')
-  return params
+  return sources
 
 
-def load_hf_params(folder: str) -> tuple[dict, ml_collections.ConfigDict]:
+def _read(tensors: _Tensors, source: _Source,
+          index: tuple[slice, ...] = (slice(None),)) -> np.ndarray:
+  """Block ``index`` of one parameter (slices, as `jax.sharding` gives a device's block), as
+  float32; of a stacked parameter only the experts in ``index[0]`` are read."""
+  if source.stacked:
+    return np.stack([source.layout.to_ours(tensors.read(name))[index[1:]]
+                     for name in source.names[index[0]]])
+  return np.ascontiguousarray(source.layout.to_ours(tensors.read(source.names[0]))[index])
+
+
+def _place(tensors: _Tensors, source: _Source, shape: tuple[int, ...], sharding):
+  """One parameter as a `jax.Array` with ``sharding``, built block by block on this process's
+  devices: each distinct block is read once and copied to the devices that hold it, so the
+  host holds one block (and the HF tensors it is cut from) at a time."""
+  import jax
+  blocks: dict[tuple, tuple[tuple[slice, ...], list]] = {}
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    key = tuple((s.start, s.stop, s.step) for s in index)  # slices hash from Python 3.12 only
+    blocks.setdefault(key, (index, []))[1].append(device)
+  arrays = []
+  for index, devices in blocks.values():
+    # One copy from the host (never an alias of the block, which is freed before the next
+    # is read), the replicas from that device.
+    first = jax.device_put(_read(tensors, source, index), devices[0], may_alias=False)
+    arrays += jax.block_until_ready([first] + [jax.device_put(first, d) for d in devices[1:]])
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def load_hf_params(folder: str, mesh=None, rules=None
+                   ) -> tuple[dict, ml_collections.ConfigDict]:
   """(params as a pure dict in switchmoe's tree, the validated config) of a HuggingFace
-  SwitchTransformers / T5 folder; nothing is written."""
+  SwitchTransformers / T5 folder; nothing is written.
+
+  Without ``mesh`` the params are NumPy arrays on the host. With a `jax.sharding.Mesh` (and
+  optionally the rules table, `sharding.merge_rules`) they are `jax.Array`s laid out as a run
+  on that mesh lays them out (experts over ``expert`` ...), and the whole model is never on
+  the host: the tensors are read one parameter at a time, and of each parameter only the
+  blocks this process's devices hold (in a multi-process run, each process reads its own).
+  """
   from flax import nnx, traverse_util
   from switchmoe import config as config_lib
+  from switchmoe import sharding as sharding_lib
   from switchmoe.model import LanguageModel
   folder = os.path.abspath(os.path.expanduser(folder))
   hf = read_hf_config(folder)
   config = config_from_hf(hf, folder)
   config_lib.validate(config)
-  abstract = nnx.to_pure_dict(nnx.state(
-      nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0)))))
-  flat = traverse_util.flatten_dict(abstract)
+  abstract = nnx.state(nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
   path_of = {'/'.join(map(str, key)): key for key in flat}
-  params = hf_params(folder, config, {path: flat[key].shape for path, key in path_of.items()})
-  return traverse_util.unflatten_dict({path_of[p]: v for p, v in params.items()}), config
+  tensors = _Tensors(folder)
+  sources = _sources(tensors, folder, config,
+                     {path: flat[key].shape for path, key in path_of.items()})
+  if mesh is None:
+    params = {path_of[p]: _read(tensors, source) for p, source in sources.items()}
+  else:
+    shardings = traverse_util.flatten_dict(sharding_lib.state_shardings(abstract, mesh, rules))
+    params = {path_of[p]: _place(tensors, source, flat[path_of[p]].shape, shardings[path_of[p]])
+              for p, source in sources.items()}
+  return traverse_util.unflatten_dict(params), config
 
 
-def load_hf(folder: str) -> tuple[TokenModel, ml_collections.ConfigDict]:
+def load_hf(folder: str, mesh=None, rules=None
+            ) -> tuple[TokenModel, ml_collections.ConfigDict]:
   """(model, config) of a HuggingFace SwitchTransformers / T5 folder.
 
   ``model(encoder_tokens_BxL, decoder_tokens_BxT)`` gives float32 logits [B, T, V] in
   deterministic mode (`TokenModel`), routed as the checkpoint routes; ``config`` is the
-  switchmoe config it was built from.
+  switchmoe config it was built from. With ``mesh`` the weights are streamed onto it (see
+  `load_hf_params`) and the model runs there.
   """
   from flax import nnx
+  from switchmoe import sharding as sharding_lib
   from switchmoe.model import LanguageModel
-  params, config = load_hf_params(folder)
+  params, config = load_hf_params(folder, mesh, rules)
   graphdef, state = nnx.split(nnx.eval_shape(
       lambda: LanguageModel(config.model, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, params)
-  return TokenModel(nnx.merge(graphdef, state)), config
+  return TokenModel(nnx.merge(graphdef, state), mesh,
+                    rules or sharding_lib.DEFAULT_RULES), config
 
 
 def hf_config(c: ml_collections.ConfigDict) -> dict:
@@ -435,21 +516,38 @@ def checkpoint_to_hf(path: str, folder: str) -> int:
 
 
 class TokenModel:
-  """A converted `LanguageModel` called on token arrays, deterministically.
+  """A converted `LanguageModel` called on token arrays, deterministically, compiled once per
+  shape (under ``mesh`` and ``rules`` when it was loaded onto one).
 
   ``encoder_tokens_BxL``: int32, 0 = padding. ``decoder_tokens_BxT``: the decoder input
   (start token 0, then the targets shifted right), every position real.
   """
 
-  def __init__(self, model):
-    self.model = model
+  def __init__(self, model, mesh=None, rules=None):
+    import jax
+    from flax import nnx
+    self.graphdef, self.state = nnx.split(model)
+    self.mesh, self.rules = mesh, rules
+    self._logits = jax.jit(_logits, static_argnums=0)
 
   def __call__(self, encoder_tokens_BxL, decoder_tokens_BxT) -> np.ndarray:
+    import contextlib
+    import jax
     import jax.numpy as jnp
+    from switchmoe import sharding as sharding_lib
     decoder = jnp.asarray(decoder_tokens_BxT, jnp.int32)
     batch = {'encoder_input_tokens': jnp.asarray(encoder_tokens_BxL, jnp.int32),
              'decoder_input_tokens': decoder,
              'decoder_target_tokens': jnp.ones_like(decoder),
              'decoder_segment_ids': jnp.ones_like(decoder)}
-    logits, _ = self.model(batch, deterministic=True)
-    return logits
+    with contextlib.ExitStack() as stack:
+      if self.mesh is not None:
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(sharding_lib.use_rules(self.rules))
+      return self._logits(self.graphdef, self.state, batch)
+
+
+def _logits(graphdef, state, batch):
+  from flax import nnx
+  logits, _ = nnx.merge(graphdef, state)(batch, deterministic=True)
+  return logits

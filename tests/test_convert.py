@@ -185,6 +185,126 @@ def test_cli_bad_folder_exits_2_and_writes_nothing(tmp_path):
   assert not os.path.exists(out)
 
 
+# Big enough (4 + 4 layers, 8 experts of d_model 128 x d_ff 512: 20 MiB) that one block of one
+# parameter, 2 experts' weights, is a small part of the model.
+STREAMED = hf.small_switch_config(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_experts=8,
+                                  num_layers=4)
+
+
+def _expert_mesh():
+  from switchmoe import sharding
+  return sharding.make_mesh((2, 4), ('data', 'expert'))
+
+
+def test_streaming_onto_a_mesh_reads_each_block_once_and_never_the_whole_model(
+    tmp_path, monkeypatch):
+  import tracemalloc
+  from flax import traverse_util
+  folder = _write(tmp_path, STREAMED, seed=4)
+  host, c = convert.load_hf_params(folder)
+  total = sum(x.nbytes for x in jax.tree.leaves(host))
+  reads = []
+  real_read = convert._Tensors.read
+  monkeypatch.setattr(convert._Tensors, 'read',
+                      lambda self, name: reads.append(name) or real_read(self, name))
+  tracemalloc.start()
+  try:
+    placed, placed_config = convert.load_hf_params(folder, _expert_mesh())
+    streamed_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    convert.load_hf_params(folder)
+    host_peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert placed_config.to_json() == c.to_json()
+  # The host load holds every weight at once; the streamed one a few blocks at a time.
+  assert host_peak > total > 6 * streamed_peak, (host_peak, total, streamed_peak)
+  # Data replicas share one read: every tensor is read once (twice counting the host load).
+  _, weights = hf.read_hf_checkpoint(folder)
+  assert sorted(reads) == sorted(list(weights) * 2)
+  flat_host, flat = (traverse_util.flatten_dict(t) for t in (host, placed))
+  assert flat.keys() == flat_host.keys()
+  for key, array in flat.items():
+    np.testing.assert_array_equal(np.asarray(array), flat_host[key], err_msg=str(key))
+    if key[-2] == 'experts':  # [E=8, ...] split 4 ways: 2 experts per device
+      assert array.sharding.spec[0] == 'expert'
+      assert {s.data.shape[0] for s in array.addressable_shards} == {2}
+
+
+def test_a_model_streamed_onto_a_mesh_gives_the_same_logits(tmp_path):
+  folder = _write(tmp_path, STREAMED, seed=6)
+  enc, dec = tokens(STREAMED['vocab_size'], seed=3)
+  host_model, _ = convert.load_hf(folder)
+  model, _ = convert.load_hf(folder, _expert_mesh())
+  got, want = np.asarray(model(enc, dec)), np.asarray(host_model(enc, dec))
+  assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 2e-5  # sums split over devices
+
+
+def test_cli_places_the_weights_on_the_given_mesh(tmp_path):
+  from switchmoe import train
+  folder, out = _write(tmp_path, STREAMED, seed=8), str(tmp_path / 'out')
+  mesh = ["--config.mesh.shape=(2,4)", "--config.mesh.axes=('data','expert')"]
+  done = _cli(f'--hf_dir={folder}', f'--out={out}', *mesh)
+  assert done.returncode == 0, done.stderr[-2000:]
+  config = checkpoint_lib.find_config(out)
+  assert tuple(config.mesh.shape) == (2, 4)  # fine-tuning runs on the same layout
+  config.train.batch_size = 8
+  s = train.make_setup(config)
+  with train.mesh_context(s):
+    stored, names = checkpoint_lib.load_params(out, s.abstract_state['params'])
+  host, _ = convert.load_hf_params(folder)
+  assert len(names) == len(jax.tree.leaves(host))
+  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(host)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  wi = stored['encoder']['layers'][1]['ffn']['experts']['wi']
+  assert wi.sharding.spec[0] == 'expert'
+
+
+def test_two_processes_each_read_only_their_own_experts(tmp_path):
+  """A 2-process conversion onto 8 experts split over 8 devices (4 per process): each process
+  reads the experts its devices hold and every other tensor once; the checkpoint they write
+  together is the whole model."""
+  import portpicker
+  folder, out = _write(tmp_path, STREAMED, seed=9), str(tmp_path / 'out')
+  port = portpicker.pick_unused_port()
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  workers = [subprocess.Popen([sys.executable, '-m', 'tests.convert_worker', str(port), str(i),
+                               folder, out], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [w.communicate(timeout=300) for w in workers]
+  for w, (stdout, stderr) in zip(workers, outputs):
+    assert w.returncode == 0, stderr[-3000:]
+  results = sorted((json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs),
+                   key=lambda r: r['process'])
+  assert [r['code'] for r in results] == [0, 0]
+  _, weights = hf.read_hf_checkpoint(folder)
+  expert = re.compile(r'\.expert_(\d+)\.')
+  for r in results:
+    own = {n for n in weights if not expert.search(n) or
+           int(expert.search(n).group(1)) // 4 == r['process']}
+    assert sorted(r['reads']) == sorted(own)
+  host, _ = convert.load_hf_params(folder)
+  stored, names = checkpoint_lib.load_params(out, jax.tree.map(jax.numpy.asarray, host))
+  assert len(names) == len(jax.tree.leaves(host))
+  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(host)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--config.train.batch_size=8', r'--config\.train\.batch_size=8: unknown flag; allowed: '
+                                    r'.*--config\.mesh\.\*'),
+    ('--config.mesh.shape=(3,4)', r'mesh\.shape \(3, 4\) needs 12 devices, only 8'),
+    ('--config.mesh.axez=(1,)', r'mesh\.axez'),
+])
+def test_cli_bad_mesh_flag_exits_2_and_writes_nothing(flag, message, tmp_path):
+  folder, out = _write(tmp_path), str(tmp_path / 'out')
+  done = _cli(f'--hf_dir={folder}', f'--out={out}', flag)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert len(done.stderr.strip().splitlines()) == 1
+  assert re.search(message, done.stderr), done.stderr
+  assert not os.path.exists(out)
+
+
 ROUND_TRIP = ['switch_step2', 'switch_step1_3_shards', 'switch_untied', 't5_1.0_2_shards',
               't5_1.1']
 

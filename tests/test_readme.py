@@ -37,6 +37,10 @@ EXCUSED = {
     'python scripts/convert_hf.py --hf_dir=/data/hf/switch-base-8 --out=runs/switch-base-8':
         'needs the download above; tests/test_convert.py runs convert_hf.py on tiny folders '
         "written in HF's layout",
+    'python scripts/convert_hf.py --hf_dir=/data/hf/switch-base-128 --out=runs/switch-base-128 '
+    '--config.mesh.shape=\'(2,4)\' --config.mesh.axes="(\'data\',\'expert\')"':
+        'needs switch-base-128 from the hub and 8 devices; tests/test_convert.py converts onto '
+        'a (2, 4) mesh of simulated devices and from two processes',
     'python scripts/ablate.py sw_table1 --scale=cpu':
         'about 1.5 h on 2 cores; its results are committed in docs/results/ and the smoke '
         'scale of the same script runs here and in tests/test_ablate.py',
