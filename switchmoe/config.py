@@ -125,7 +125,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)       # -1: all remaining devices
   c.mesh.axes = ('data', 'expert')
-  c.mesh.expert_parallel = 'gspmd'  # 'gspmd' (constraints) | 'shard_map' (explicit all_to_all)
+  c.mesh.expert_parallel = 'gspmd'  # 'gspmd' (constraints) | 'shard_map' (explicit all_to_all;
+  #                                   dropless: ragged_all_to_all, padded all_to_all on CPU)
   c.mesh.rules = ()            # overrides of sharding.DEFAULT_RULES: (('embed', 'fsdp'), ...)
   return c
 

@@ -180,12 +180,24 @@ def buffer_sizes(num_rows: int, num_experts: int) -> tuple[int, int]:
   return main, 8 * math.ceil(main / 4 / 8)
 
 
+def rows_bucket(ends_BxE: jax.Array, n: int) -> jax.Array:
+  """bucket_BxN[b, i] = how many of ends_BxE[b] (sorted) are <= i: the bucket of row i when
+  rows are cut at those ends, as ``jnp.searchsorted(ends, arange(n), side='right')``. Written
+  as a histogram's running sum (O(n + E)) because jnp.searchsorted fails inside
+  `jax.shard_map` (jax 0.10), where expert-parallel dropless runs this."""
+  b = ends_BxE.shape[0]
+  at = jnp.arange(b)[:, None] * (n + 1) + jnp.clip(ends_BxE, 0, n)
+  hist = jnp.zeros(b * (n + 1), jnp.int32).at[at.reshape(-1)].add(1)
+  return jnp.cumsum(hist.reshape(b, n + 1), axis=1)[:, :n]
+
+
 def _sorted_layout(group_sizes_E: jax.Array, n: int):
   """(group_sizes_E, starts_E, expert_N, offset_N) of n rows sorted by expert: each expert's
-  row count and first row, and each row's expert and offset inside its expert."""
+  row count and first row, and each row's expert and offset inside its expert (expert E:
+  padding past the experts' total)."""
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
-  expert_N = jnp.searchsorted(ends_E, jnp.arange(n), side='right').astype(jnp.int32)
+  expert_N = rows_bucket(ends_E[None], n)[0]
   return group_sizes_E, starts_E, expert_N, jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
 
 
@@ -197,7 +209,8 @@ def _slots(experts, params, key, x_NxD, layout, first, size: int):
   e = group_sizes_E.shape[0]
   slot_C = first + jnp.arange(size, dtype=jnp.int32)
   row_ExC = jnp.where(slot_C < group_sizes_E[:, None], starts_E[:, None] + slot_C, n)
-  here_N = (offset_N >= first) & (offset_N < first + size)
+  # Rows past the experts' total (expert_N = E) are padding and take no slot.
+  here_N = (expert_N < e) & (offset_N >= first) & (offset_N < first + size)
   slot_N = jnp.where(here_N, expert_N * size + offset_N - first, e * size)
   x_ExCxD = take_rows(x_NxD[None], row_ExC.reshape(1, e * size), slot_N.reshape(1, n, 1))
   y_ExCxD = experts(params, x_ExCxD.reshape(e, size, d), key)
@@ -205,19 +218,22 @@ def _slots(experts, params, key, x_NxD, layout, first, size: int):
                    row_ExC.reshape(1, e * size, 1))[0]
 
 
-def _overflow(experts, params, key, x_NxD, layout):
+def _overflow(experts, params, key, x_NxD, layout, rows):
   """(number of overflow passes the busiest expert needs, pass p -> its y_NxD)."""
   group_sizes_E = layout[0]
-  c, c_over = buffer_sizes(x_NxD.shape[0], group_sizes_E.shape[0])
+  c, c_over = buffer_sizes(rows, group_sizes_E.shape[0])
   num_passes = (jnp.maximum(jnp.max(group_sizes_E) - c, 0) + c_over - 1) // c_over
   return num_passes, lambda p, params=params, x_NxD=x_NxD: _slots(
       experts, params, key, x_NxD, layout, c + p * c_over, c_over)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
 def run_bucketed(experts: Callable, params, key, x_NxD: jax.Array,
-                 group_sizes_E: jax.Array) -> jax.Array:
+                 group_sizes_E: jax.Array, rows: int | None = None) -> jax.Array:
   """``experts(params, x_ExCxD, key) -> y_ExCxD`` applied to rows x_NxD sorted by expert.
+
+  Rows past sum(group_sizes_E) are padding (y = 0). Buffers are sized for ``rows`` real rows
+  (None: N), which a caller whose N is mostly padding sets to the expected count.
 
   Each expert's first C rows (`buffer_sizes`) go into one expert buffer and come back in row
   order. Rows past C, when some expert has them, take passes of C_overflow more slots per
@@ -229,22 +245,23 @@ def run_bucketed(experts: Callable, params, key, x_NxD: jax.Array,
   under autodiff a switch copies its branch's activations out and fills those of every
   branch not taken with zeros.
   """
-  return _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E)[0]
+  return _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E, rows)[0]
 
 
-def _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E):
+def _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E, rows):
+  rows = x_NxD.shape[0] if rows is None else rows
   layout = _sorted_layout(group_sizes_E, x_NxD.shape[0])
-  c, _ = buffer_sizes(x_NxD.shape[0], group_sizes_E.shape[0])
+  c, _ = buffer_sizes(rows, group_sizes_E.shape[0])
   y_NxD, main_vjp = jax.vjp(
       lambda params, x_NxD: _slots(experts, params, key, x_NxD, layout, 0, c), params, x_NxD)
-  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout)
+  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout, rows)
   y_NxD = jax.lax.fori_loop(0, num_passes, lambda p, y: y + one_pass(p), y_NxD)
-  return y_NxD, (main_vjp, params, key, x_NxD, layout)
+  return y_NxD, (main_vjp, params, key, x_NxD, layout, rows)
 
 
-def _run_bucketed_bwd(experts, residuals, dy_NxD):
-  main_vjp, params, key, x_NxD, layout = residuals
-  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout)
+def _run_bucketed_bwd(experts, _, residuals, dy_NxD):
+  main_vjp, params, key, x_NxD, layout, rows = residuals
+  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout, rows)
 
   def body(p, grads):
     _, vjp = jax.vjp(lambda params, x_NxD: one_pass(p, params, x_NxD), params, x_NxD)

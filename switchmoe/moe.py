@@ -3,10 +3,11 @@
 `MoeLayer` routes each group of tokens with its `routing.Router` (a `routing.Routing`:
 expert, slot and gate of each choice), builds the configured `switchmoe.dispatch` dispatcher
 from it, runs its `layers.Experts` on what the dispatcher hands over, and lets the
-dispatcher combine the results. Expert parallelism (config ``mesh.expert_parallel``) wraps
-only the experts call: ``gspmd`` leaves the all-to-all to the compiler (the dispatch einsum
-/ gather output is constrained to an expert-sharded buffer), ``shard_map`` does it by hand
-(`all_to_all_experts`).
+dispatcher combine the results. Expert parallelism (config ``mesh.expert_parallel``):
+``gspmd`` leaves the all-to-all to the compiler (the dispatch einsum / gather output is
+constrained to an expert-sharded buffer), ``shard_map`` does it by hand
+(`switchmoe.expert_parallel`): around the experts call for an expert buffer, around
+dispatch, experts and combine for ``dropless``, whose rows per device depend on the routing.
 
 All static choices arrive in one `MoeConfig`, built once from ``model.moe``; a call returns
 y and one `MoeStats`.
@@ -18,14 +19,14 @@ C capacity, K choices per token.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx, struct
-from jax.sharding import PartitionSpec as P
 
-from switchmoe import routing, sharding
+from switchmoe import expert_parallel, routing, sharding
 from switchmoe import dispatch as dispatch_lib
 from switchmoe.dispatch import DISPATCHERS, run_bucketed
 from switchmoe.layers import Experts, FeedForward
@@ -96,50 +97,6 @@ class MoeStats:
     if self.selected_fraction_E is not None:
       out['selected_fraction_E'] = self.selected_fraction_E
     return out
-
-
-def all_to_all_experts(experts: Experts, x_ExGxCxD: jax.Array, axis_size: int, *,
-                       deterministic: bool, key: jax.Array | None) -> jax.Array:
-  """Runs ``experts`` on an expert buffer by hand: inside `jax.shard_map`, manual over the
-  ``expert`` mesh axis of ``axis_size`` devices (other axes stay automatic).
-
-  Buffers arrive with groups split over ``expert``; an all-to-all regroups them so each device
-  holds all groups for its own experts, and a second one sends results back. With fewer
-  experts than devices on the axis (E < n, n % E == 0), each expert is replicated n / E times
-  and its capacity slots are split between the replicas. ``key`` (None: no expert dropout)
-  seeds the dropout of each device's experts.
-  """
-  n = axis_size
-  e, g, c, d = x_ExGxCxD.shape
-  graphdef, state = nnx.split(experts)
-  replicas = 1
-  if e % n:
-    if n % e or c % (n // e):
-      raise ValueError(f'model.moe.num_experts={e} on an expert mesh axis of {n}: one must '
-                       f'divide the other, and with fewer experts the capacity ({c}) must '
-                       f'divide by {n}/{e}')
-    replicas = n // e
-    x_ExGxCxD = jnp.swapaxes(x_ExGxCxD.reshape(e, g, replicas, c // replicas, d), 1, 2
-                             ).reshape(e * replicas, g, c // replicas, d)
-    state = jax.tree.map(lambda w: jnp.repeat(w, replicas, axis=0), state)
-  if g % n:
-    raise ValueError(f'{g} routing groups cannot be split over the expert mesh axis of {n}: '
-                     'lower model.moe.group_size or raise train.batch_size')
-
-  def local(state, x_ExGxCxD, key):
-    # [E, G/n, C, D] -> [E/n, G, C, D]: this device's experts, every device's groups.
-    x = jax.lax.all_to_all(x_ExGxCxD, 'expert', 0, 1, tiled=True)
-    rngs = None
-    if key is not None:
-      rngs = nnx.Rngs(dropout=jax.random.fold_in(key, jax.lax.axis_index('expert')))
-    y = nnx.merge(graphdef, state)(x, deterministic=deterministic, rngs=rngs)
-    return jax.lax.all_to_all(y, 'expert', 1, 0, tiled=True)
-
-  y = jax.shard_map(local, in_specs=(P('expert'), P(None, 'expert'), P()),
-                    out_specs=P(None, 'expert'), axis_names={'expert'})(state, x_ExGxCxD, key)
-  if replicas > 1:
-    y = jnp.swapaxes(y.reshape(e, replicas, g, c // replicas, d), 1, 2).reshape(e, g, c, d)
-  return y
 
 
 def routing_groups(batch: int, length: int, group_size: int) -> tuple[int, int]:
@@ -233,32 +190,48 @@ class MoeLayer(nnx.Module):
     bias = self.router.expert_bias
     bias[...] = routing.balance_bias(bias[...], selected_fraction_E, rate)
 
+  def pure_experts(self, deterministic: bool) -> tuple[Callable, nnx.State]:
+    """(``experts(params, x, key, group_sizes_E=None)``, params): the experts as a pure
+    function, for the transforms that run them (shard_map, `dispatch.run_bucketed`); ``key``
+    None means no expert dropout."""
+    graphdef, params = nnx.split(self.experts)
+
+    def experts(params, x, key, group_sizes_E=None):
+      rngs = None if key is None else nnx.Rngs(dropout=key)
+      return nnx.merge(graphdef, params)(x, deterministic=deterministic, rngs=rngs,
+                                         group_sizes_E=group_sizes_E)
+    return experts, params
+
+  def run_sorted(self, deterministic: bool) -> tuple[Callable, nnx.State]:
+    """(``run(params, x_NxD, group_sizes_E, key, rows=None)``, params): the experts on rows
+    sorted by expert, as ragged_dot grouped matmuls or `dispatch.run_bucketed` (config
+    ``dropless_impl``)."""
+    experts, params = self.pure_experts(deterministic)
+    if dispatch_lib.uses_buckets(self.cfg.dropless_impl):
+      return (lambda params, x, sizes, key, rows=None:
+              run_bucketed(experts, params, key, x, sizes, rows)), params
+    return lambda params, x, sizes, key, rows=None: experts(params, x, key, sizes), params
+
+  def expert_key(self, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array | None:
+    """The one dropout key of the experts run under a transform (None: no expert dropout)."""
+    return rngs.dropout() if self.cfg.expert_dropout > 0 and not deterministic else None
+
   def run_experts(self, x: jax.Array, group_sizes_E: jax.Array | None, *, deterministic: bool,
                   rngs: nnx.Rngs | None) -> jax.Array:
-    """The experts on a dispatcher's output; the only step that expert parallelism changes.
-
-    ``shard_map`` applies to expert buffers on an ``expert`` mesh axis of more than one
-    device; rows sorted by expert (``dropless``) are always left to GSPMD, and run as
-    `dispatch.run_bucketed` where ``dropless_impl`` says so.
-    """
+    """The experts on a dispatcher's output: an expert buffer, by hand over the ``expert``
+    axis with ``shard_map`` (`expert_parallel.buffered`), or rows sorted by expert."""
     axis_size = sharding.mesh_axis_size('expert')
     by_hand = self.cfg.expert_parallel == 'shard_map' and group_sizes_E is None and axis_size > 1
     bucketed = group_sizes_E is not None and dispatch_lib.uses_buckets(self.cfg.dropless_impl)
     if not (by_hand or bucketed):
       return self.experts(x, deterministic=deterministic, rngs=rngs,
                           group_sizes_E=group_sizes_E)
-    # Experts run under a transform get their dropout as a key (None: no expert dropout).
-    key = rngs.dropout() if self.cfg.expert_dropout > 0 and not deterministic else None
+    key = self.expert_key(deterministic, rngs)
     if by_hand:
-      return all_to_all_experts(self.experts, x, axis_size, deterministic=deterministic,
-                                key=key)
-    graphdef, params = nnx.split(self.experts)
-
-    def experts(params, x_ExCxD, key):  # pure: run_bucketed differentiates it by hand
-      rngs = None if key is None else nnx.Rngs(dropout=key)
-      return nnx.merge(graphdef, params)(x_ExCxD, deterministic=deterministic, rngs=rngs)
-
-    return run_bucketed(experts, params, key, x, group_sizes_E)
+      experts, params = self.pure_experts(deterministic)
+      return expert_parallel.buffered(experts, params, x, axis_size, key)
+    run, params = self.run_sorted(deterministic)
+    return run(params, x, group_sizes_E, key)
 
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
                valid_BxL: jax.Array | None = None, decoding: bool = False
@@ -288,10 +261,17 @@ class MoeLayer(nnx.Module):
     if self.sow_routing:
       self.sow(nnx.Intermediate, 'routing', r)
     # 2-4. Dispatch, run the experts, combine.
-    dispatcher = DISPATCHERS[dispatch_lib.resolve(c.dispatch)](r, c.num_experts, capacity)
-    y_expert = self.run_experts(dispatcher.dispatch(x_GxSxD), dispatcher.group_sizes_E,
-                                deterministic=deterministic, rngs=rngs)
-    y_GxSxD = dispatcher.combine(y_expert)
+    dispatch, axis_size = dispatch_lib.resolve(c.dispatch), sharding.mesh_axis_size('expert')
+    if dispatch == 'dropless' and c.expert_parallel == 'shard_map' and axis_size > 1:
+      run, params = self.run_sorted(deterministic)
+      y_GxSxD = expert_parallel.dropless(
+          run, params, self.expert_key(deterministic, rngs), x_GxSxD, r, c.num_experts,
+          axis_size, expert_parallel.default_exchange())
+    else:
+      dispatcher = DISPATCHERS[dispatch](r, c.num_experts, capacity)
+      y_expert = self.run_experts(dispatcher.dispatch(x_GxSxD), dispatcher.group_sizes_E,
+                                  deterministic=deterministic, rngs=rngs)
+      y_GxSxD = dispatcher.combine(y_expert)
     y_GxSxD = constrain(y_GxSxD.astype(self.dtype), ('batch', None, 'embed'))
     y_BxLxD = y_GxSxD.reshape(b, l, d)
     if self.shared is not None:

@@ -43,7 +43,8 @@ DEFAULT_RULES: Rules = (
 
 # How MoE layers reach experts on an ``expert`` mesh axis (config ``mesh.expert_parallel``):
 # sharding constraints (the compiler inserts the all-to-all) or an explicit
-# `jax.lax.all_to_all` inside `jax.shard_map` (`switchmoe.moe.all_to_all_experts`).
+# `jax.lax.all_to_all` (or ragged_all_to_all, for dropless) inside `jax.shard_map`
+# (`switchmoe.expert_parallel`).
 EXPERT_PARALLEL = ('gspmd', 'shard_map')
 
 _RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar('switchmoe_rules',

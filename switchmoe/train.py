@@ -159,6 +159,11 @@ def make_setup(config: ml_collections.ConfigDict,
   if config.model.moe.every and e % n_expert and n_expert % e:
     raise ValueError(f'model.moe.num_experts={e} and the expert mesh axis ({n_expert}) must '
                      'divide one another')
+  if (config.model.moe.every and config.model.moe.dispatch == 'dropless' and e % n_expert
+      and config.mesh.expert_parallel == 'shard_map'):
+    raise ValueError(f'model.moe.num_experts={e} on an expert mesh axis of {n_expert}: '
+                     "dropless with mesh.expert_parallel='shard_map' needs a whole number of "
+                     'experts per device')
   tx = make_optimizer(config.optim, config.train.num_steps)
   graphdef, abstract_params = nnx.split(
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0),

@@ -44,6 +44,10 @@ def test_plan_reports_memory_and_all_to_all():
     (['--config.mesh.shape=(2,4)', '--config.model.moe.num_experts=3'],
      'error: model.moe.num_experts=3 and the expert mesh axis (4) must divide one another'),
     (['--config.mesh.shap=(2,4)'], "error: mesh.shap='(2,4)': unknown field (did you mean shape?)"),
+    (['--config.mesh.shape=(1,8)', '--config.model.moe.num_experts=4',
+      '--config.model.moe.dispatch=dropless', '--config.mesh.expert_parallel=shard_map'],
+     "error: model.moe.num_experts=4 on an expert mesh axis of 8: dropless with "
+     "mesh.expert_parallel='shard_map' needs a whole number of experts per device"),
 ])
 def test_plan_rejects_a_bad_layout_in_one_line(args, message):
   done = run_plan('--config=configs/switch_tiny.py', '--devices=8', *args, timeout=120)

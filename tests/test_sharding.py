@@ -58,6 +58,27 @@ def test_every_parameter_has_logical_axes():
   assert experts['wi'].spec == P('expert', None, None)
 
 
+def test_dropless_sharded_matches_single_device(single_device_dropless):
+  """Dropless with experts over a (2, 4) data x expert mesh, exchanged by hand
+  (`expert_parallel.dropless`, the padded all-to-all on CPU), equals one device."""
+  loss1, grads1, state1 = single_device_dropless
+  c = layout_config(dispatch='dropless')
+  c.mesh.shape, c.mesh.axes, c.mesh.expert_parallel = (2, 4), ('data', 'expert'), 'shard_map'
+  _, loss8, grads8, state8, hlo = _loss_and_grads(c, jax.devices()[:8], random_batch(c))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                  atol=1e-3 * np.abs(b).max() + 1e-7)
+  close(loss8, loss1)
+  jax.tree.map(close, grads8, grads1)
+  jax.tree.map(close, jax.device_get(state8['params']), jax.device_get(state1['params']))
+  assert 'all-to-all' in hlo
+
+
+@pytest.fixture(scope='module')
+def single_device_dropless():
+  c = layout_config(dispatch='dropless')
+  return _loss_and_grads(c, jax.devices()[:1], random_batch(c))[1:4]
+
+
 def _loss_and_grads(c, devices, batch):
   s = train.make_setup(c, devices)
   with jax.set_mesh(s.mesh), sharding.use_rules(s.rules):
@@ -77,10 +98,10 @@ def _loss_and_grads(c, devices, batch):
   return s, jax.device_get(loss), jax.device_get(grads), state, step.as_text()
 
 
-def layout_config(num_experts=8):
+def layout_config(num_experts=8, **moe):
   # 16-token groups: 8 decoder groups, enough to split over an 8-way expert axis.
   c = tiny_config(exploration='input_jitter', jitter=0.01, num_experts=num_experts,
-                  group_size=16, capacity_factor=1.0)
+                  group_size=16, capacity_factor=1.0, **moe)
   c.model.dropout_rate, c.model.num_layers = 0.1, 1
   return c
 
