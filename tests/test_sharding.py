@@ -58,6 +58,17 @@ def test_every_parameter_has_logical_axes():
   assert experts['wi'].spec == P('expert', None, None)
 
 
+def assert_same_run(sharded, single):
+  """(loss, grads, state after 2 steps) of two runs agree. Float32 sums in another order:
+  allow 1e-3 of each tensor's scale; a wrong layout is off by O(1)."""
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                  atol=1e-3 * np.abs(b).max() + 1e-7)
+  (loss8, grads8, state8), (loss1, grads1, state1) = sharded, single
+  close(loss8, loss1)
+  jax.tree.map(close, grads8, grads1)
+  jax.tree.map(close, jax.device_get(state8['params']), jax.device_get(state1['params']))
+
+
 def test_dropless_sharded_matches_single_device(single_device_dropless):
   """Dropless with experts over a (2, 4) data x expert mesh, exchanged by hand
   (`expert_parallel.dropless`, the padded all-to-all on CPU), equals one device."""
@@ -65,11 +76,7 @@ def test_dropless_sharded_matches_single_device(single_device_dropless):
   c = layout_config(dispatch='dropless')
   c.mesh.shape, c.mesh.axes, c.mesh.expert_parallel = (2, 4), ('data', 'expert'), 'shard_map'
   _, loss8, grads8, state8, hlo = _loss_and_grads(c, jax.devices()[:8], random_batch(c))
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
-                                                  atol=1e-3 * np.abs(b).max() + 1e-7)
-  close(loss8, loss1)
-  jax.tree.map(close, grads8, grads1)
-  jax.tree.map(close, jax.device_get(state8['params']), jax.device_get(state1['params']))
+  assert_same_run((loss8, grads8, state8), (loss1, grads1, state1))
   assert 'all-to-all' in hlo
 
 
@@ -141,13 +148,7 @@ def test_sharded_matches_single_device(single_device, layout, num_experts, exper
   c = layout_config(num_experts)
   c.mesh.shape, c.mesh.axes, c.mesh.expert_parallel = shape, axes, expert_parallel
   s, loss8, grads8, state8, hlo = _loss_and_grads(c, jax.devices()[:8], random_batch(c))
-  # Float32 sums in another order: allow 1e-3 of each tensor's scale; a wrong layout is off
-  # by O(1).
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
-                                                  atol=1e-3 * np.abs(b).max() + 1e-7)
-  close(loss8, loss1)
-  jax.tree.map(close, grads8, grads1)
-  jax.tree.map(close, jax.device_get(state8['params']), jax.device_get(state1['params']))
+  assert_same_run((loss8, grads8, state8), (loss1, grads1, state1))
   n_expert = dict(zip(axes, shape)).get('expert', 1)
   wi = state8['params']['encoder']['layers'][0]['ffn']['experts']['wi']
   assert wi.shape[0] == num_experts

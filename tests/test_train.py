@@ -163,3 +163,27 @@ def test_cli_rejects_unknown_fields_and_bad_values(data_dir, compile_cache, tmp_
   assert bad.stderr.strip().startswith(message), bad.stderr
   assert len(bad.stderr.strip().splitlines()) == 1
   assert not os.path.exists(tmp_path / 'bad')
+
+
+@pytest.mark.parametrize('moe', [
+    {'dispatch': 'gather'},
+    {'dispatch': 'einsum'},
+    {'dispatch': 'dropless', 'dropless_impl': 'bucketed'},  # a loop of data-dependent length
+])
+def test_steps_compile_once_and_never_reach_the_host(moe):
+  """After the first step, new batches reuse the one compiled step (no recompilation), and
+  a step moves nothing between host and device but the batch it is given (transfer guard) and
+  calls back to no host code."""
+  c = tiny_config(**moe)
+  s = train.make_setup(c, jax.devices()[:1])
+  with train.mesh_context(s):
+    state = s.init(jax.random.key(0))
+    state, _ = s.train_step(state, train.device_batch(s, random_batch(c, 0)))
+    batches = [train.device_batch(s, random_batch(c, seed)) for seed in (1, 2, 3)]
+    with jax.transfer_guard('disallow'):
+      for batch in batches:
+        state, metrics = s.train_step(state, batch)
+    hlo = s.train_step.lower(state, batches[0]).as_text()
+  assert s.train_step._cache_size() == 1
+  assert np.isfinite(float(metrics['loss']))
+  assert 'callback' not in hlo.lower()
