@@ -127,6 +127,7 @@ def test_speedup_is_steps_and_time_to_the_baselines_final_quality():
                               100)['steps_to_baseline'] is None
 
 
+@pytest.mark.slow
 def test_smoke_sweep_summarizes_and_skips_finished_runs(data_dir, compile_cache, tmp_path,
                                                         capsys):
   argv = ['sw_table3', '--scale=smoke', '--seeds=2', f'--out={tmp_path}',

@@ -133,8 +133,7 @@ LAYOUTS = [((8,), ('data',)), ((2, 4), ('data', 'expert')), ((8,), ('expert',)),
 
 # The default run covers each mechanism once; the rest of the matrix is marked slow
 # (run by .ci/run, or with `pytest -m slow`).
-FAST = {(LAYOUTS[1], 8, 'gspmd'), (LAYOUTS[1], 8, 'shard_map'), (LAYOUTS[3], 8, 'shard_map'),
-        ((((8,), ('expert',))), 4, 'shard_map')}
+FAST = {(LAYOUTS[1], 8, 'gspmd'), (LAYOUTS[1], 8, 'shard_map'), (LAYOUTS[3], 8, 'shard_map')}
 CASES = [(layout, e, impl) for layout, e in [(l, 8) for l in LAYOUTS] +
          [(((8,), ('expert',)), 4), (((2, 4), ('data', 'expert')), 16)]
          for impl in ('gspmd', 'shard_map') if impl == 'gspmd' or 'expert' in layout[1]]
