@@ -15,13 +15,18 @@ machine hits them all alike; each figure is a median. ``x floor`` divides by the
 max(CF x dense matmul FLOPs at the matmul rate, expert-weight bytes at the memory bandwidth),
 both rates measured in this process (CF = 1 for dropless). ``max load`` is the busiest
 expert's share of the tokens over the mean share (1 = balanced), which sets dropless's buffers.
+Each E also times ``experts_balanced``: the experts alone on a perfectly balanced buffer of the
+same tokens, the least any dispatch running per-expert matmuls can cost on this device.
 
 ``step``: full training steps (`switchmoe.train.train_step`, the optimizer included) of
 config files on synthetic batches of the configured shapes: step time (median), tokens/s,
-MFU where the device's peak is known, compile time and peak memory. A case is a config name
-in configs/, optionally with overrides after a colon, comma-separated:
+MFU where the device's peak is known, compile time, peak memory, and the bytes each device
+receives through collectives per step (``comm MiB``, by kind in ``collective_bytes``). A case
+is a config name in configs/, optionally with overrides after a colon, comma-separated:
 ``switch_base:model.moe.num_experts=64,model.remat=full``; cases are separated by spaces.
-The first case whose ``model.moe.every`` is 0 is the dense reference of ``x dense``.
+The first case whose ``model.moe.every`` is 0 is the dense reference of ``x dense``. Meshes
+come from the config (``--set=mesh.shape=(2,4),mesh.axes=('data','expert')``); on a CPU,
+set JAX_NUM_CPU_DEVICES first to simulate devices.
 
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries - aliased), the same
 on every platform; accelerators also report the allocator's peak in ``device_peak_bytes``.
@@ -32,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -49,7 +56,7 @@ from switchmoe import config as config_lib
 from switchmoe import dispatch as dispatch_lib
 from switchmoe import routing, train
 from switchmoe.dispatch import DISPATCHERS, DISPATCHES, DROPLESS_IMPLS
-from switchmoe.layers import FeedForward
+from switchmoe.layers import Experts, FeedForward
 from switchmoe.main import load_config
 from switchmoe.moe import MoeConfig, MoeLayer
 
@@ -64,8 +71,12 @@ def environment() -> dict:
   """What every record says about where it ran."""
   device = jax.devices()[0]
   try:
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, text=True,
-                            capture_output=True, check=True).stdout.strip()
+    git = lambda *a: subprocess.run(['git', *a], cwd=REPO, text=True, capture_output=True,
+                                    check=True).stdout.strip()
+    # A run of uncommitted code says so: its numbers belong to no commit.
+    commit = git('rev-parse', '--short', 'HEAD') + ('+dirty' if git('status', '--porcelain',
+                                                                    '--untracked-files=no')
+                                                   else '')
   except (OSError, subprocess.CalledProcessError):
     commit = 'unknown'
   return {'platform': device.platform, 'device_kind': device.device_kind,
@@ -90,6 +101,27 @@ def peak_bytes(compiled) -> int | None:
     return None
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              - m.alias_size_in_bytes)
+
+
+COLLECTIVES = ('all-to-all', 'ragged-all-to-all', 'all-gather', 'reduce-scatter', 'all-reduce',
+               'collective-permute')
+_COLLECTIVE = re.compile(r' (%s)(?:-start)?\(' % '|'.join(COLLECTIVES))
+_SHAPE = re.compile(r'\b([a-z][a-z0-9]*)\[([0-9,]*)\]')  # f32[8,128], bf16[...], pred[...]
+
+
+def collective_bytes(compiled) -> dict[str, int]:
+  """Bytes each device receives per call, by collective kind: the result sizes of the
+  collectives in the compiled (partitioned, per-device) HLO; a loop body counts once."""
+  out = dict.fromkeys(COLLECTIVES, 0)
+  for line in compiled.as_text().splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m or '=' not in line[:m.start()]:
+      continue
+    for dtype, dims in _SHAPE.findall(line[line.index('=') + 1:m.start()]):
+      bits = re.search(r'[0-9]+', dtype)
+      size = int(bits.group()) // 8 if bits else 1  # pred: one byte
+      out[m.group(1)] += size * math.prod(int(d) for d in dims.split(',') if d)
+  return {kind: b for kind, b in out.items() if b}
 
 
 def device_peak_bytes() -> int | None:
@@ -121,6 +153,11 @@ def memory_bandwidth(repeats: int) -> float:
 
 # ----------------------------------------------------------------------------- layer suite
 
+# The layer suite's reference for the experts' own cost: the lower bound of any dispatch
+# that runs them as per-expert matmuls on this device (at small rows per expert, e.g. on a
+# CPU, that alone costs well above the dense FFN).
+BALANCED = 'experts_balanced'
+
 
 def moe_config(num_experts: int, dispatch: str, group_size: int, capacity_factor: float
                ) -> MoeConfig:
@@ -141,19 +178,24 @@ def routing_rngs() -> nnx.Rngs:
   return nnx.Rngs(**{name: i for i, name in enumerate(routing.RNG_STREAMS)})
 
 
-def layer_fn(module: nnx.Module, is_moe: bool):
+def layer_fn(module: nnx.Module, kind: str):
   """Jitted (state, x, cotangent) -> gradients of <y, cotangent> (+ aux losses) w.r.t.
-  the weights and x: one forward and one backward pass of ``module``."""
+  the weights and x: one forward and one backward pass of ``module``, a ``dense`` FFN, a
+  ``moe`` layer, or bare ``experts`` fed a perfectly balanced buffer (x's N tokens as
+  [E, N / E]: no router, no padding, no row moves)."""
   graphdef, state = nnx.split(module)
 
   def loss(state, x_BxLxD, ct_BxLxD):
     m = nnx.merge(graphdef, state)
-    if is_moe:
-      rngs = routing_rngs()
-      y, stats = m(x_BxLxD, deterministic=False, rngs=rngs)
+    extra = 0.0
+    if kind == 'moe':
+      y, stats = m(x_BxLxD, deterministic=False, rngs=routing_rngs())
       extra = sum(stats.losses.values())
+    elif kind == 'experts':
+      e, d = m.wi.shape[0], x_BxLxD.shape[-1]
+      y = m(x_BxLxD.reshape(e, -1, d), deterministic=True, rngs=None).reshape(x_BxLxD.shape)
     else:
-      y, extra = m(x_BxLxD, deterministic=True, rngs=None), 0.0
+      y = m(x_BxLxD, deterministic=True, rngs=None)
     return jnp.sum(y.astype(jnp.float32) * ct_BxLxD) + extra
 
   return jax.jit(jax.grad(loss, argnums=(0, 1))), state
@@ -186,12 +228,15 @@ def run_layer_suite(args, env: dict) -> list[dict]:
   records = []
   for e in args.experts:
     for group_size in args.group_sizes:
-      cases, max_load = {'dense': layer_fn(dense, is_moe=False)}, None
+      cases, max_load = {'dense': layer_fn(dense, 'dense')}, None
+      if n % e == 0:
+        cases[BALANCED] = layer_fn(Experts(e, d, f, activation='relu', init_scale=0.1,
+                                           dropout_rate=0.0, dtype=dtype, rngs=rngs), 'experts')
       for dispatch in args.dispatch:
         cfg = moe_config(e, dispatch, group_size, args.capacity_factor)
         layer = MoeLayer(d, f, cfg, activation='relu', init_scale=0.1, dtype=dtype,
                          rngs=nnx.Rngs(params=e))
-        cases[dispatch] = layer_fn(layer, is_moe=True)
+        cases[dispatch] = layer_fn(layer, 'moe')
         max_load = max_load or busiest_expert(layer, x)
       compiled, seconds = {}, {name: [] for name in cases}
       for name, (fn, state) in cases.items():
@@ -206,14 +251,15 @@ def run_layer_suite(args, env: dict) -> list[dict]:
       dense_s = statistics.median(seconds['dense'])
       for name, (_, state) in cases.items():
         ms = statistics.median(seconds[name]) * 1e3
-        cf = 1.0 if name == 'dense' or name.startswith('dropless') else args.capacity_factor
+        cf = (1.0 if name in ('dense', BALANCED) or name.startswith('dropless')
+              else args.capacity_factor)
         weight_bytes = 3 * 2 * d * f * dtype.itemsize * (1 if name == 'dense' else e)
         floor_s = max(cf * dense_flops / rate, weight_bytes / bandwidth)
         records.append({
             'suite': 'layer', 'case': f'{name}/E{e}/G{group_size}', 'dispatch': name,
             'num_experts': 0 if name == 'dense' else e, 'group_size': group_size,
             'tokens': n, 'd_model': d, 'd_ff': f, 'dtype': args.dtype,
-            'capacity_factor': cf, 'max_load': None if name == 'dense' else max_load,
+            'capacity_factor': cf, 'max_load': max_load if name in args.dispatch else None,
             'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
             'ratio_to_dense': ms / (dense_s * 1e3), 'ratio_to_floor': ms / (floor_s * 1e3),
             'floor_ms': floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
@@ -227,7 +273,7 @@ def run_layer_suite(args, env: dict) -> list[dict]:
 def case_config(case: str, sets: list[str], batch_size: int):
   """The config of ``name[:a.b=v,...]`` with the suite's own overrides applied after."""
   name, _, own = case.partition(':')
-  overrides = [o for o in own.split(',') if o] + sets
+  overrides = str_list(own) + sets
   if batch_size:
     overrides.append(f'train.batch_size={batch_size}')
   return load_config(str(REPO / 'configs' / f'{name}.py'), [f'--config.{o}' for o in overrides])
@@ -265,9 +311,12 @@ def run_step_suite(args, env: dict) -> list[dict]:
     step_s = statistics.median(seconds)
     perf = train.perf_metrics(config, s.mesh, step_s)
     moe = config.model.moe
+    expert_axis = dict(s.mesh.shape).get('expert', 1)
+    comm = collective_bytes(step)
     records.append({
         'suite': 'step', 'case': case,
-        'dispatch': dispatch_lib.resolve(moe.dispatch) if moe.every else 'dense',
+        'dispatch': dispatch_lib.resolve(moe.dispatch, expert_axis) if moe.every else 'dense',
+        'mesh': dict(s.mesh.shape), 'collective_bytes': comm,
         'num_experts': moe.num_experts if moe.every else 0, 'tokens': train.tokens_per_step(config),
         'batch_size': config.train.batch_size, 'ms': step_s * 1e3,
         'tokens_per_s': perf['perf/tokens_per_sec'],
@@ -302,10 +351,11 @@ def print_table(records: list[dict]) -> None:
             f'{fmt(r["max_load"], ".2f"):>8}' for r in records]
   else:
     header = (f'{"case":<40} {"ms/step":>9} {"tokens/s":>10} {"x dense":>8} {"MFU":>6} '
-              f'{"compile s":>9} {"peak MiB":>9}')
+              f'{"compile s":>9} {"peak MiB":>9} {"comm MiB":>9}')
     rows = [f'{r["case"]:<40} {r["ms"]:>9.1f} {r["tokens_per_s"]:>10,.0f} '
             f'{fmt(r["ratio_to_dense"], ".2f"):>8} {fmt(r["mfu"], ".1%"):>6} '
-            f'{r["compile_s"]:>9.1f} {fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9}'
+            f'{r["compile_s"]:>9.1f} {fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9} '
+            f'{sum(r["collective_bytes"].values()) / 2**20:>9.2f}'
             for r in records]
   env = records[0]
   print(f'{env["suite"]} suite on {env["devices"]} x {env["device_kind"]} ({env["platform"]}), '
@@ -319,7 +369,16 @@ def int_list(text: str) -> list[int]:
 
 
 def str_list(text: str) -> list[str]:
-  return [v for v in text.split(',') if v]
+  """Comma-separated items; commas inside brackets stay (``mesh.shape=(2,4)``)."""
+  items, depth, current = [], 0, ''
+  for ch in text + ',':
+    depth += (ch in '([{') - (ch in ')]}')
+    if ch == ',' and depth == 0:
+      items.append(current)
+      current = ''
+    else:
+      current += ch
+  return [v for v in items if v]
 
 
 def parse_args(argv):

@@ -72,8 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.router_input_dropout = 0.1  # rate for exploration='input_dropout'
   e.importance_loss = 0.0      # GShard / V-MoE importance loss weight
   e.dispatch = 'auto'          # 'einsum' | 'gather' | 'dropless' (no capacity); auto: einsum on
-                               # TPU, gather elsewhere (dispatch.resolve, docs/performance.md)
-  e.dropless_impl = 'auto'     # dropless rows: 'ragged_dot' | 'bucketed' (padded buffer); auto:
+                               # TPU or an expert mesh axis, else gather (dispatch.resolve)
+  e.dropless_impl = 'auto'     # dropless rows: 'ragged_dot' | 'bucketed' (padded buffers); auto:
                                # bucketed on CPU, ragged_dot elsewhere (docs/performance.md)
   e.bias_update_rate = 0.0     # aux-loss-free balancing: bias step per train step (DeepSeek 0.001)
   e.num_shared_experts = 0     # always-on experts per Switch layer (DeepSeekMoE); 0 = none

@@ -287,11 +287,17 @@ def uses_buckets(dropless_impl: str) -> bool:
                                          and jax.default_backend() == 'cpu')
 
 
-def resolve(dispatch: str) -> str:
-  """Config ``model.moe.dispatch`` with ``auto`` made concrete for the default backend: the
-  one-hot ``einsum`` on TPU (matmul units, slow gathers), ``gather`` elsewhere, which
-  scripts/benchmark.py measured 1.3-1.7x faster than einsum on CPU (docs/performance.md;
-  on GPU it is chosen unmeasured)."""
+def resolve(dispatch: str, expert_axis_size: int = 1) -> str:
+  """Config ``model.moe.dispatch`` with ``auto`` made concrete for the default backend and the
+  size of the mesh's ``expert`` axis.
+
+  ``einsum`` on TPU (matmul units, slow gathers) and wherever the experts are split over an
+  expert axis: there the partitioned ``gather`` step moves more bytes through collectives
+  (1.28x on a (2, 4) data x expert mesh and 1.29x on (1, 8), switch_tiny, mostly extra
+  all-reduce and all-gather; docs/performance.md). ``gather`` otherwise, which
+  scripts/benchmark.py measured 1.3-1.7x faster than ``einsum`` on one CPU (on GPU it is
+  chosen unmeasured).
+  """
   if dispatch != 'auto':
     return dispatch
-  return 'einsum' if jax.default_backend() == 'tpu' else 'gather'
+  return 'einsum' if jax.default_backend() == 'tpu' or expert_axis_size > 1 else 'gather'

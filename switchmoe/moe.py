@@ -261,7 +261,8 @@ class MoeLayer(nnx.Module):
     if self.sow_routing:
       self.sow(nnx.Intermediate, 'routing', r)
     # 2-4. Dispatch, run the experts, combine.
-    dispatch, axis_size = dispatch_lib.resolve(c.dispatch), sharding.mesh_axis_size('expert')
+    axis_size = sharding.mesh_axis_size('expert')
+    dispatch = dispatch_lib.resolve(c.dispatch, axis_size)
     if dispatch == 'dropless' and c.expert_parallel == 'shard_map' and axis_size > 1:
       run, params = self.run_sorted(deterministic)
       y_GxSxD = expert_parallel.dropless(

@@ -1,5 +1,6 @@
 """scripts/benchmark.py runs both suites at toy sizes and writes the records it promises."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ def test_layer_suite(tmp_path):
                         '--experts=2,4', '--group_sizes=32', '--repeats=2'], tmp_path)
   cases = [r['case'] for r in records]
   assert cases == [f'{d}/E{e}/G32' for e in (2, 4)
-                   for d in ('dense', 'einsum', 'gather', 'dropless')]
+                   for d in ('dense', 'experts_balanced', 'einsum', 'gather', 'dropless')]
   for r in records:
     assert r['ms'] > 0 and r['ratio_to_floor'] > 0 and r['peak_bytes'] > 0
     assert r['platform'] == 'cpu'
@@ -36,6 +37,9 @@ def test_layer_suite(tmp_path):
       assert r['ratio_to_dense'] == 1.0 and r['num_experts'] == 0
     else:
       assert r['num_experts'] in (2, 4)
+    routed = r['dispatch'] not in ('dense', 'experts_balanced')
+    assert (r['max_load'] is not None) == routed
+    assert r['capacity_factor'] == (1.25 if r['dispatch'] in ('einsum', 'gather') else 1.0)
   for case in cases:
     assert case in table
 
@@ -61,3 +65,37 @@ def test_bad_arguments_fail_in_one_line():
   assert done.returncode == 2
   assert ('--dispatch=fast: not an option; allowed: auto, einsum, gather, dropless, '
           'dropless:auto') in done.stderr
+
+
+def load_benchmark():
+  spec = importlib.util.spec_from_file_location('benchmark', os.path.join(REPO, 'scripts',
+                                                                          'benchmark.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_collective_bytes_reads_the_partitioned_program():
+  """Per-device result bytes by kind, from a program with known collectives on 8 devices."""
+  import jax
+  import jax.numpy as jnp
+  benchmark = load_benchmark()
+  mesh = jax.make_mesh((8,), ('x',), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def f(a_8x4, b_8x2):  # per device: a [1, 4] float32, b [1, 2] int32
+    total = jax.lax.psum(a_8x4, 'x')                                     # 16 bytes
+    gathered = jax.lax.all_gather(b_8x2, 'x', tiled=True)                # 8 x 2 x 4 = 64
+    swapped = jax.lax.all_to_all(jnp.tile(a_8x4, (8, 1)), 'x', 0, 0, tiled=True)  # 8 x 16
+    return total, gathered, swapped
+
+  fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(jax.P('x'), jax.P('x')),
+                             out_specs=(jax.P('x'), jax.P('x'), jax.P('x'))))
+  compiled = fn.lower(jnp.ones((8, 4)), jnp.ones((8, 2), jnp.int32)).compile()
+  assert benchmark.collective_bytes(compiled) == {'all-reduce': 16, 'all-gather': 64,
+                                                  'all-to-all': 128}
+
+
+def test_override_lists_keep_bracketed_commas():
+  benchmark = load_benchmark()
+  assert benchmark.str_list("mesh.shape=(2,4),mesh.axes=('data','expert'),,a=1") == [
+      'mesh.shape=(2,4)', "mesh.axes=('data','expert')", 'a=1']

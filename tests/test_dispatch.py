@@ -446,6 +446,14 @@ def test_run_bucketed_equals_ragged_dot(case):
     np.testing.assert_allclose(gb, gr, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_auto_dispatch_follows_backend_and_expert_axis():
+  assert jax.default_backend() == 'cpu'
+  assert dispatch_lib.resolve('auto') == 'gather'
+  assert dispatch_lib.resolve('auto', expert_axis_size=4) == 'einsum'
+  for name in ('einsum', 'gather', 'dropless'):
+    assert dispatch_lib.resolve(name, expert_axis_size=4) == name
+
+
 def test_buffer_sizes():
   assert dispatch_lib.buffer_sizes(4096, 32) == (160, 40)
   assert dispatch_lib.buffer_sizes(48, 4) == (16, 8)

@@ -139,13 +139,19 @@ CASES = [(layout, e, impl) for layout, e in [(l, 8) for l in LAYOUTS] +
          for impl in ('gspmd', 'shard_map') if impl == 'gspmd' or 'expert' in layout[1]]
 
 
-@pytest.mark.parametrize('layout,num_experts,expert_parallel', [
-    pytest.param(*case, marks=() if case in FAST else pytest.mark.slow) for case in CASES])
-def test_sharded_matches_single_device(single_device, layout, num_experts, expert_parallel):
+# `auto` dispatch is `einsum` once experts span an expert axis; `gather` is checked there too.
+@pytest.mark.parametrize('layout,num_experts,expert_parallel,dispatch', [
+    *(pytest.param(*case, 'auto', marks=() if case in FAST else pytest.mark.slow)
+      for case in CASES),
+    *(pytest.param(LAYOUTS[1], 8, impl, 'gather', marks=pytest.mark.slow)
+      for impl in ('gspmd', 'shard_map'))])
+def test_sharded_matches_single_device(single_device, layout, num_experts, expert_parallel,
+                                       dispatch):
   shape, axes = layout
   loss1, grads1, state1 = single_device(num_experts)
   c = layout_config(num_experts)
   c.mesh.shape, c.mesh.axes, c.mesh.expert_parallel = shape, axes, expert_parallel
+  c.model.moe.dispatch = dispatch
   s, loss8, grads8, state8, hlo = _loss_and_grads(c, jax.devices()[:8], random_batch(c))
   assert_same_run((loss8, grads8, state8), (loss1, grads1, state1))
   n_expert = dict(zip(axes, shape)).get('expert', 1)
