@@ -168,16 +168,17 @@ class DroplessDispatcher:
     return _weigh_choices(y_NxD.reshape(g, s, k, -1), self.routing)
 
 
-# `run_bucketed`'s main buffer holds this multiple of the mean rows per expert; rows past it
-# (a busier expert) go through overflow passes a quarter of its size.
-BUFFER_FACTOR = 1.25
+# `run_bucketed`'s main buffer holds this multiple of the mean rows per expert; an expert's
+# rows past it go to overflow tiles a quarter of its size, E / 8 tiles per pass
+# (docs/performance.md: 1.0 measured faster than 1.125 and 1.25 once overflow got cheap).
+BUFFER_FACTOR = 1.0
 
 
-def buffer_sizes(num_rows: int, num_experts: int) -> tuple[int, int]:
-  """(C, C_overflow) of `run_bucketed`: slots per expert of the main buffer (a multiple of 8,
-  at most num_rows) and of each overflow pass."""
+def buffer_sizes(num_rows: int, num_experts: int) -> tuple[int, int, int]:
+  """(C, T, K) of `run_bucketed`: slots per expert of the main buffer (a multiple of 8, at
+  most num_rows), rows per overflow tile (a multiple of 8) and tiles per overflow pass."""
   main = min(num_rows, 8 * math.ceil(BUFFER_FACTOR * num_rows / num_experts / 8))
-  return main, 8 * math.ceil(main / 4 / 8)
+  return main, 8 * math.ceil(main / 4 / 8), max(1, num_experts // 8)
 
 
 def rows_bucket(ends_BxE: jax.Array, n: int) -> jax.Array:
@@ -191,84 +192,131 @@ def rows_bucket(ends_BxE: jax.Array, n: int) -> jax.Array:
   return jnp.cumsum(hist.reshape(b, n + 1), axis=1)[:, :n]
 
 
-def _sorted_layout(group_sizes_E: jax.Array, n: int):
-  """(group_sizes_E, starts_E, expert_N, offset_N) of n rows sorted by expert: each expert's
-  row count and first row, and each row's expert and offset inside its expert (expert E:
-  padding past the experts' total)."""
+def _gather_rows(x_NxD, slot_N, row_M):
+  """x rows into M slots (row_M[m] = N: empty), with slot_N the inverse (M: in none)."""
+  return take_rows(x_NxD[None], row_M[None], slot_N[None, :, None])[0]
+
+
+def _scatter_rows(y_MxD, slot_N, row_M):
+  """The inverse move of `_gather_rows`: slot rows back to the N rows (0 for rows in none)."""
+  return take_rows(y_MxD[None], slot_N[None], row_M[None, :, None])[0]
+
+
+def _bucket_maps(group_sizes_E: jax.Array, n: int, c: int, t: int, k: int):
+  """Where each of n rows sorted by expert goes (all int32).
+
+  main (slot_N, row_ExC): row i's slot in the [E, C] main buffer (E*C: none) and each slot's
+  row (n: empty). tiles (slot_N, row_IxT, expert_I, num_tiles): the same for overflow tiles,
+  [I, T] with I a multiple of K: each expert's rows at offsets >= C, T per tile, its tiles
+  consecutive; expert_I is each tile's expert (E past the last tile).
+  """
+  e = group_sizes_E.shape[0]
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
-  expert_N = rows_bucket(ends_E[None], n)[0]
-  return group_sizes_E, starts_E, expert_N, jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
+  expert_N = rows_bucket(ends_E[None], n)[0]  # E: padding past the experts' total
+  real_N = expert_N < e
+  expert_N = jnp.minimum(expert_N, e - 1)
+  offset_N = jnp.arange(n, dtype=jnp.int32) - starts_E[expert_N]
+  in_main_N = real_N & (offset_N < c)
+  slot_C = jnp.arange(c, dtype=jnp.int32)
+  main = (jnp.where(in_main_N, expert_N * c + offset_N, e * c),
+          jnp.where(slot_C < group_sizes_E[:, None], starts_E[:, None] + slot_C, n))
+
+  tiles_E = (jnp.maximum(group_sizes_E - c, 0) + t - 1) // t
+  tile_ends_E = jnp.cumsum(tiles_E)
+  tile_base_E = tile_ends_E - tiles_E
+  # sum_e ceil(overflow_e / T) <= (n - C) / T + E, rounded up to whole passes.
+  i = k * -(-(-(-max(n - c, 0) // t) + e) // k)
+  expert_I = rows_bucket(tile_ends_E[None], i)[0]
+  owner_I = jnp.minimum(expert_I, e - 1)
+  offset_IxT = (c + t * (jnp.arange(i, dtype=jnp.int32) - tile_base_E[owner_I]))[:, None] + (
+      jnp.arange(t, dtype=jnp.int32))
+  row_IxT = jnp.where((expert_I < e)[:, None] & (offset_IxT < group_sizes_E[owner_I][:, None]),
+                      starts_E[owner_I][:, None] + offset_IxT, n)
+  tile_slot_N = jnp.where(real_N & ~in_main_N,
+                          t * tile_base_E[expert_N] + offset_N - c, i * t)
+  return main, (tile_slot_N, row_IxT.reshape(-1), expert_I, tile_ends_E[-1])
 
 
-def _slots(experts, params, key, x_NxD, layout, first, size: int):
-  """y_NxD of ``experts`` on the rows at offsets first .. first + size - 1 of their expert
-  (an [E, size] buffer), 0 for the other rows. ``first`` may be traced."""
-  n, d = x_NxD.shape
-  group_sizes_E, starts_E, expert_N, offset_N = layout
-  e = group_sizes_E.shape[0]
-  slot_C = first + jnp.arange(size, dtype=jnp.int32)
-  row_ExC = jnp.where(slot_C < group_sizes_E[:, None], starts_E[:, None] + slot_C, n)
-  # Rows past the experts' total (expert_N = E) are padding and take no slot.
-  here_N = (expert_N < e) & (offset_N >= first) & (offset_N < first + size)
-  slot_N = jnp.where(here_N, expert_N * size + offset_N - first, e * size)
-  x_ExCxD = take_rows(x_NxD[None], row_ExC.reshape(1, e * size), slot_N.reshape(1, n, 1))
-  y_ExCxD = experts(params, x_ExCxD.reshape(e, size, d), key)
-  return take_rows(y_ExCxD.reshape(1, e * size, -1), slot_N[None],
-                   row_ExC.reshape(1, e * size, 1))[0]
-
-
-def _overflow(experts, params, key, x_NxD, layout, rows):
-  """(number of overflow passes the busiest expert needs, pass p -> its y_NxD)."""
-  group_sizes_E = layout[0]
-  c, c_over = buffer_sizes(rows, group_sizes_E.shape[0])
-  num_passes = (jnp.maximum(jnp.max(group_sizes_E) - c, 0) + c_over - 1) // c_over
-  return num_passes, lambda p, params=params, x_NxD=x_NxD: _slots(
-      experts, params, key, x_NxD, layout, c + p * c_over, c_over)
+def _tile_pass(experts, k: int, params, key, x_IxTxD, expert_I, p):
+  """Overflow pass p: (run(weights, x_KxTxD), its weights, its tiles, their experts). Tiles
+  p*K .. p*K + K - 1, each with its own expert's weights (E: padding, output unused)."""
+  e = jax.tree.leaves(params)[0].shape[0]
+  expert_K = jnp.minimum(jax.lax.dynamic_slice_in_dim(expert_I, p * k, k), e - 1)
+  pass_key = None if key is None else jax.random.fold_in(key, p + 1)
+  return (lambda weights, x_KxTxD: experts(weights, x_KxTxD, pass_key),
+          jax.tree.map(lambda w: w[expert_K], params),
+          jax.lax.dynamic_slice_in_dim(x_IxTxD, p * k, k), expert_K)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def run_bucketed(experts: Callable, params, key, x_NxD: jax.Array,
-                 group_sizes_E: jax.Array, rows: int | None = None) -> jax.Array:
-  """``experts(params, x_ExCxD, key) -> y_ExCxD`` applied to rows x_NxD sorted by expert.
+def run_bucketed(experts: Callable, params, key, x_NxD: jax.Array, group_sizes_E: jax.Array,
+                 rows: int | None = None) -> jax.Array:
+  """``experts(params, x_KxCxD, key) -> y_KxCxD`` applied to rows x_NxD sorted by expert.
 
   Rows past sum(group_sizes_E) are padding (y = 0). Buffers are sized for ``rows`` real rows
   (None: N), which a caller whose N is mostly padding sets to the expected count.
 
-  Each expert's first C rows (`buffer_sizes`) go into one expert buffer and come back in row
-  order. Rows past C, when some expert has them, take passes of C_overflow more slots per
-  expert, only as many as the busiest expert needs (a loop of data-dependent length, none
-  for balanced routing), each recomputed in the backward pass, so memory stays that of one
-  buffer whatever the routing. The result equals grouped matmuls over the rows; the padding
-  is the extra work. Autodiff cannot reverse such a loop, hence the hand-written gradient.
-  Choosing the main buffer among several sizes at run time (`jax.lax.switch`) was slower:
-  under autodiff a switch copies its branch's activations out and fills those of every
-  branch not taken with zeros.
+  Each expert's first C rows (`buffer_sizes`) go into one [E, C] expert buffer and come back
+  in row order. An expert's rows past C fill overflow tiles of T rows, gathered once into
+  one [I, T] array; passes of K tiles, each tile run with its own expert's weights, run as
+  long as tiles remain (a loop of data-dependent length, none for balanced routing), so a
+  busy expert costs its extra rows, not E times them. Each pass is recomputed in the
+  backward pass, whose weight gradients accumulate onto the main buffer's. The result
+  equals grouped matmuls over the rows; the padding is the extra work. Autodiff cannot
+  reverse such a loop, hence the hand-written gradient. Choosing the main buffer among
+  several sizes at run time (`jax.lax.switch`) was slower: under autodiff a switch copies
+  its branch's activations out and fills those of every branch not taken with zeros.
   """
   return _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E, rows)[0]
 
 
 def _run_bucketed_fwd(experts, params, key, x_NxD, group_sizes_E, rows):
-  rows = x_NxD.shape[0] if rows is None else rows
-  layout = _sorted_layout(group_sizes_E, x_NxD.shape[0])
-  c, _ = buffer_sizes(rows, group_sizes_E.shape[0])
-  y_NxD, main_vjp = jax.vjp(
-      lambda params, x_NxD: _slots(experts, params, key, x_NxD, layout, 0, c), params, x_NxD)
-  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout, rows)
-  y_NxD = jax.lax.fori_loop(0, num_passes, lambda p, y: y + one_pass(p), y_NxD)
-  return y_NxD, (main_vjp, params, key, x_NxD, layout, rows)
+  n, d = x_NxD.shape
+  e = group_sizes_E.shape[0]
+  c, t, k = buffer_sizes(n if rows is None else rows, e)
+  (main_slot_N, row_ExC), tiles = _bucket_maps(group_sizes_E, n, c, t, k)
+
+  def main(params, x_NxD):
+    x_ExCxD = _gather_rows(x_NxD, main_slot_N, row_ExC.reshape(-1)).reshape(e, c, d)
+    return _scatter_rows(experts(params, x_ExCxD, key).reshape(e * c, -1), main_slot_N,
+                         row_ExC.reshape(-1))
+
+  y_NxD, main_vjp = jax.vjp(main, params, x_NxD)
+  tile_slot_N, row_IT, expert_I, num_tiles = tiles
+  num_passes = (num_tiles + k - 1) // k
+  x_IxTxD = _gather_rows(x_NxD, tile_slot_N, row_IT).reshape(-1, t, d)
+
+  def body(p, y_IxTxD):
+    run, weights, x_KxTxD, _ = _tile_pass(experts, k, params, key, x_IxTxD, expert_I, p)
+    return jax.lax.dynamic_update_slice_in_dim(y_IxTxD, run(weights, x_KxTxD), p * k, 0)
+
+  y_IxTxD = jax.lax.fori_loop(0, num_passes, body, jnp.zeros_like(x_IxTxD))
+  y_NxD = y_NxD + _scatter_rows(y_IxTxD.reshape(-1, d), tile_slot_N, row_IT)
+  return y_NxD, (main_vjp, params, key, x_IxTxD, tiles, num_passes)
 
 
-def _run_bucketed_bwd(experts, _, residuals, dy_NxD):
-  main_vjp, params, key, x_NxD, layout, rows = residuals
-  num_passes, one_pass = _overflow(experts, params, key, x_NxD, layout, rows)
+def _run_bucketed_bwd(experts, rows, residuals, dy_NxD):
+  main_vjp, params, key, x_IxTxD, tiles, num_passes = residuals
+  tile_slot_N, row_IT, expert_I, _ = tiles
+  k = buffer_sizes(dy_NxD.shape[0] if rows is None else rows,
+                   jax.tree.leaves(params)[0].shape[0])[2]
+  dy_IxTxD = _gather_rows(dy_NxD, tile_slot_N, row_IT).reshape(x_IxTxD.shape)
 
   def body(p, grads):
-    _, vjp = jax.vjp(lambda params, x_NxD: one_pass(p, params, x_NxD), params, x_NxD)
-    return jax.tree.map(jnp.add, grads, vjp(dy_NxD))
+    d_params, d_x_IxTxD = grads
+    run, weights, x_KxTxD, expert_K = _tile_pass(experts, k, params, key, x_IxTxD, expert_I, p)
+    _, vjp = jax.vjp(run, weights, x_KxTxD)
+    d_weights, d_x_KxTxD = vjp(jax.lax.dynamic_slice_in_dim(dy_IxTxD, p * k, k))
+    d_params = jax.tree.map(lambda g, dw: g.at[expert_K].add(dw), d_params, d_weights)
+    return d_params, jax.lax.dynamic_update_slice_in_dim(d_x_IxTxD, d_x_KxTxD, p * k, 0)
 
-  d_params, d_x = jax.lax.fori_loop(0, num_passes, body, main_vjp(dy_NxD))
-  return d_params, None, d_x, None
+  d_params, d_x_NxD = main_vjp(dy_NxD)
+  d_params, d_x_IxTxD = jax.lax.fori_loop(0, num_passes, body,
+                                          (d_params, jnp.zeros_like(x_IxTxD)))
+  d_x_NxD = d_x_NxD + _scatter_rows(d_x_IxTxD.reshape(-1, x_IxTxD.shape[-1]), tile_slot_N,
+                                    row_IT)
+  return d_params, None, d_x_NxD, None
 
 
 run_bucketed.defvjp(_run_bucketed_fwd, _run_bucketed_bwd)

@@ -408,25 +408,28 @@ def _grouped_reference(x, w, sizes):
   return np.concatenate(out)
 
 
-# Within the main buffer, a little past it (one overflow pass), every row on one expert (many
-# passes), empty experts, and N not a multiple of E.
+# Within the main buffer, a little past it (one overflow tile), every row on one expert (many
+# passes), empty experts, N not a multiple of E, and 16 experts (two tiles per pass, of one
+# expert or of two).
 _SIZES = {'balanced': [13, 12, 12, 11], 'one_pass': [18, 10, 12, 8],
-          'one_expert': [0, 48, 0, 0], 'empty': [30, 0, 18, 0], 'uneven': [13, 3, 9, 5]}
+          'one_expert': [0, 48, 0, 0], 'empty': [30, 0, 18, 0], 'uneven': [13, 3, 9, 5],
+          'many': [40, 0, 3, 25, 9, 9, 1, 0, 30, 2, 5, 5, 12, 0, 7, 20]}
 
 
 @pytest.mark.parametrize('case', list(_SIZES))
 def test_run_bucketed_equals_ragged_dot(case):
   sizes = _SIZES[case]
-  n, d, f = sum(sizes), 3, 5
+  n, d, f, e = sum(sizes), 3, 5, len(sizes)
   rng = np.random.default_rng(len(case))
   x = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
-  wi = jnp.asarray(rng.normal(size=(4, d, f)).astype(np.float32))
-  wo = jnp.asarray(rng.normal(size=(4, f, d)).astype(np.float32))
+  wi = jnp.asarray(rng.normal(size=(e, d, f)).astype(np.float32))
+  wo = jnp.asarray(rng.normal(size=(e, f, d)).astype(np.float32))
   ct = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
   group_sizes = jnp.asarray(sizes, jnp.int32)
-  c, c_over = dispatch_lib.buffer_sizes(n, 4)
-  passes = max(0, math.ceil((max(sizes) - c) / c_over))
-  assert passes == {'one_pass': 1, 'one_expert': 4, 'empty': 2}.get(case, 0)
+  c, t, k = dispatch_lib.buffer_sizes(n, e)
+  tiles = sum(math.ceil(max(0, size - c) / t) for size in sizes)
+  passes = math.ceil(tiles / k)
+  assert passes == {'one_pass': 1, 'one_expert': 4, 'empty': 3, 'uneven': 2, 'many': 4}.get(case, 0)
 
   def ragged(x, wi, wo):
     h = jax.nn.relu(jax.lax.ragged_dot(x, wi, group_sizes))
@@ -455,10 +458,10 @@ def test_auto_dispatch_follows_backend_and_expert_axis():
 
 
 def test_buffer_sizes():
-  assert dispatch_lib.buffer_sizes(4096, 32) == (160, 40)
-  assert dispatch_lib.buffer_sizes(48, 4) == (16, 8)
-  assert dispatch_lib.buffer_sizes(16, 2) == (16, 8)            # capped at every row
-  assert all(c % 8 == 0 for c in dispatch_lib.buffer_sizes(1000, 7))
+  assert dispatch_lib.buffer_sizes(4096, 32) == (128, 32, 4)
+  assert dispatch_lib.buffer_sizes(48, 4) == (16, 8, 1)
+  assert dispatch_lib.buffer_sizes(12, 1) == (12, 8, 1)         # capped at every row
+  assert all(c % 8 == 0 for c in dispatch_lib.buffer_sizes(1000, 7)[:2])
 
 
 @pytest.mark.parametrize('router', ['switch', 'topk'])
