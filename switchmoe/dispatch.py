@@ -19,7 +19,7 @@ experts (`switchmoe.moe.MoeLayer` does both).
 Every move of rows is `take_rows`, a gather whose gradient is a gather too: each dispatcher
 knows where every row went, so the backward pass never scatter-adds. Rows sorted by expert
 run either as `jax.lax.ragged_dot` grouped matmuls or, through `run_bucketed`, as one padded
-expert buffer plus overflow passes for busier experts; ``model.moe.dropless_impl`` picks
+expert buffer plus overflow tiles for busier experts; ``model.moe.dropless_impl`` picks
 (``auto``: `run_bucketed` on CPU, whose ragged_dot does every expert's work on every row,
 ragged_dot elsewhere).
 
