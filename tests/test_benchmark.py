@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -99,3 +100,19 @@ def test_override_lists_keep_bracketed_commas():
   benchmark = load_benchmark()
   assert benchmark.str_list("mesh.shape=(2,4),mesh.axes=('data','expert'),,a=1") == [
       'mesh.shape=(2,4)', "mesh.axes=('data','expert')", 'a=1']
+
+
+def test_device_check_script_runs_its_parts_and_rejects_unknown_ones(tmp_path):
+  """scripts/device_check.sh (for a lent GPU) at SMALL sizes on the CPU: a part writes its
+  records and a summary line; an unknown part exits 2 naming it."""
+  env = {**os.environ, 'OUT': str(tmp_path), 'SMALL': '1', 'TEST_PLATFORM': 'cpu',
+         'PY': sys.executable}
+  done = subprocess.run(['bash', 'scripts/device_check.sh', 'layer'], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert re.fullmatch(r'layer +rc=0 .*\n', (tmp_path / 'summary.txt').read_text())
+  records = [json.loads(line) for line in (tmp_path / 'layer.jsonl').read_text().splitlines()]
+  assert {r['dispatch'] for r in records} >= {'dense', 'gather', 'dropless'}
+  bad = subprocess.run(['bash', 'scripts/device_check.sh', 'bogus'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "unknown part 'bogus'" in bad.stderr
