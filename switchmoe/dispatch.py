@@ -225,8 +225,8 @@ def _bucket_maps(group_sizes_E: jax.Array, n: int, c: int, t: int, k: int):
   tiles_E = (jnp.maximum(group_sizes_E - c, 0) + t - 1) // t
   tile_ends_E = jnp.cumsum(tiles_E)
   tile_base_E = tile_ends_E - tiles_E
-  # sum_e ceil(overflow_e / T) <= (n - C) / T + E, rounded up to whole passes.
-  i = k * -(-(-(-max(n - c, 0) // t) + e) // k)
+  # sum_e ceil(overflow_e / T) <= ceil((n - C) / T) + E, rounded up to whole passes.
+  i = k * math.ceil((math.ceil(max(n - c, 0) / t) + e) / k)
   expert_I = rows_bucket(tile_ends_E[None], i)[0]
   owner_I = jnp.minimum(expert_I, e - 1)
   offset_IxT = (c + t * (jnp.arange(i, dtype=jnp.int32) - tile_base_E[owner_I]))[:, None] + (
