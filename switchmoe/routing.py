@@ -97,9 +97,18 @@ def assign_slots(expert_index_GxSxK: jax.Array, num_experts: int, capacity: int,
 
   All first choices go before any second choice; within one choice rank, tokens go in
   sequence order, or by descending ``priority_GxS`` (BPR). Choices with ``valid`` False take
-  no slot; ``used_GxE`` slots per expert are already taken. Returns (position, kept), GxSxK.
+  no slot (position 0, not kept); ``used_GxE`` slots per expert are already taken. Returns
+  (position, kept), GxSxK.
+
+  A choice's position is its rank among the same expert's choices, found by one sort of the
+  group's K*S choices by (expert, order): its cost does not grow with E, unlike a cumulative
+  sum over a [G, K*S, E] one-hot (13-17x slower at E = 128-256 on a CPU).
   """
   g, s, k = expert_index_GxSxK.shape
+  n = k * s
+  if (num_experts + 1) * n >= 2**31:
+    raise ValueError(f'model.moe.group_size: {s} tokens x {k} choices x {num_experts + 1} '
+                     'experts is too large to rank in int32; use smaller groups')
   valid = jnp.ones((g, s, k), bool) if valid_GxSxK is None else valid_GxSxK
   index = expert_index_GxSxK
   if priority_GxS is not None:
@@ -107,13 +116,25 @@ def assign_slots(expert_index_GxSxK: jax.Array, num_experts: int, capacity: int,
     index = jnp.take_along_axis(index, order_GxS[..., None], axis=1)
     valid = jnp.take_along_axis(valid, order_GxS[..., None], axis=1)
   # Choice-major order [G, K*S], so every token's first choice precedes any second choice.
-  to_choice_major = lambda a: jnp.swapaxes(a, 1, 2).reshape(g, k * s)
-  onehot_GxKSxE = (jax.nn.one_hot(to_choice_major(index), num_experts, dtype=jnp.int32) *
-                   to_choice_major(valid)[..., None])
-  start_GxE = jnp.zeros((g, num_experts), jnp.int32) if used_GxE is None else used_GxE
-  position_GxKSxE = jnp.cumsum(onehot_GxKSxE, axis=1) - 1 + start_GxE[:, None, :]
-  position_GxKS = jnp.sum(position_GxKSxE * onehot_GxKSxE, axis=-1)
-  position = jnp.swapaxes(position_GxKS.reshape(g, k, s), 1, 2)
+  to_choice_major = lambda a: jnp.swapaxes(a, 1, 2).reshape(g, n)
+  valid_GxN = to_choice_major(valid)
+  # Invalid choices sort last, as expert E. Packing (expert, order) into one int32 key makes
+  # a plain sort stable and returns the permutation with it (3-6x faster than sorting a
+  # (key, index) pair).
+  expert_GxN = jnp.where(valid_GxN, to_choice_major(index), num_experts).astype(jnp.int32)
+  order_N = jnp.arange(n, dtype=jnp.int32)
+  packed_GxN = jax.lax.sort(expert_GxN * n + order_N, dimension=1)
+  sorted_expert_GxN, source_GxN = packed_GxN // n, packed_GxN % n
+  first_GxN = jnp.concatenate([jnp.ones((g, 1), bool),
+                               sorted_expert_GxN[:, 1:] != sorted_expert_GxN[:, :-1]], axis=1)
+  run_start_GxN = jax.lax.cummax(jnp.where(first_GxN, order_N, 0), axis=1)
+  rank_GxN = order_N - run_start_GxN
+  if used_GxE is not None:
+    used_GxE1 = jnp.pad(used_GxE.astype(jnp.int32), ((0, 0), (0, 1)))
+    rank_GxN = rank_GxN + jnp.take_along_axis(used_GxE1, sorted_expert_GxN, axis=1)
+  position_GxN = jnp.zeros((g, n), jnp.int32).at[jnp.arange(g)[:, None], source_GxN].set(
+      rank_GxN, unique_indices=True)
+  position = jnp.where(valid, jnp.swapaxes(position_GxN.reshape(g, k, s), 1, 2), 0)
   kept = valid & (position < capacity)
   if priority_GxS is not None:
     inverse_GxS = jnp.argsort(order_GxS, axis=1)

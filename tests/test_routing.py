@@ -65,18 +65,22 @@ def test_assign_slots_top2_first_choices_take_priority():
                                 [[True, False], [False, True], [True, False], [False, False]])
 
 
-def _slots_reference(index_GxSxK, capacity):
-  """Loop version: choice rank first, then sequence order, per group."""
+def _slots_reference(index_GxSxK, capacity, valid_GxSxK=None):
+  """Loop version: choice rank first, then sequence order, per group; invalid choices take
+  no slot (position 0, not kept)."""
   g, s, k = index_GxSxK.shape
+  valid = np.ones((g, s, k), bool) if valid_GxSxK is None else valid_GxSxK
   position = np.zeros((g, s, k), int)
   for gi in range(g):
     count = {}
     for ki in range(k):
       for si in range(s):
+        if not valid[gi, si, ki]:
+          continue
         ex = int(index_GxSxK[gi, si, ki])
         position[gi, si, ki] = count.get(ex, 0)
         count[ex] = count.get(ex, 0) + 1
-  return position, position < capacity
+  return position, valid & (position < capacity)
 
 
 # Property tests run jitted, with shapes from small sets so that compilations get reused.
@@ -114,6 +118,18 @@ def test_assign_slots_properties(args):
   ref_position, ref_kept = _slots_reference(index, capacity)
   np.testing.assert_array_equal(position, ref_position)
   np.testing.assert_array_equal(kept, ref_kept)
+  # Invalid choices take no slot, and the valid ones keep their order among themselves.
+  valid = np.random.RandomState(int(index.sum()) + capacity).rand(*index.shape) < 0.6
+  position, kept = _assign_slots(jnp.asarray(index), e, capacity, valid_GxSxK=jnp.asarray(valid))
+  ref_position, ref_kept = _slots_reference(index, capacity, valid)
+  np.testing.assert_array_equal(np.asarray(position), ref_position)
+  np.testing.assert_array_equal(np.asarray(kept), ref_kept)
+
+
+def test_assign_slots_rejects_groups_too_large_to_rank():
+  index = jnp.zeros((1, 2**16, 1), jnp.int32)
+  with pytest.raises(ValueError, match='model.moe.group_size'):
+    routing.assign_slots(index, 2**15, 4)
 
 
 # --------------------------------------------------------------------------------------------
