@@ -16,7 +16,9 @@ max(CF x dense matmul FLOPs at the matmul rate, expert-weight bytes at the memor
 both rates measured in this process (CF = 1 for dropless). ``max load`` is the busiest
 expert's share of the tokens over the mean share (1 = balanced), which sets dropless's buffers.
 Each E also times ``experts_balanced``: the experts alone on a perfectly balanced buffer of the
-same tokens, the least any dispatch running per-expert matmuls can cost on this device.
+same tokens, the least any dispatch running per-expert matmuls can cost on this device; and
+``router``: the layer's routing alone (router matmul, softmax, slot assignment, aux losses and
+diagnostics, forward + backward), its share of every dispatch's time (no floor).
 
 ``step``: full training steps (`switchmoe.train.train_step`, the optimizer included) of
 config files on synthetic batches of the configured shapes: step time (median), tokens/s,
@@ -58,7 +60,7 @@ from switchmoe import routing, train
 from switchmoe.dispatch import DISPATCHERS, DISPATCHES, DROPLESS_IMPLS
 from switchmoe.layers import Experts, FeedForward
 from switchmoe.main import load_config
-from switchmoe.moe import MoeConfig, MoeLayer
+from switchmoe.moe import MoeConfig, MoeLayer, routing_groups
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -157,6 +159,7 @@ def memory_bandwidth(repeats: int) -> float:
 # that runs them as per-expert matmuls on this device (at small rows per expert, e.g. on a
 # CPU, that alone costs well above the dense FFN).
 BALANCED = 'experts_balanced'
+ROUTER = 'router'
 
 
 def moe_config(num_experts: int, dispatch: str, group_size: int, capacity_factor: float
@@ -179,18 +182,27 @@ def routing_rngs() -> nnx.Rngs:
 
 
 def layer_fn(module: nnx.Module, kind: str):
-  """Jitted (state, x, cotangent) -> gradients of <y, cotangent> (+ aux losses) w.r.t.
+  """Jitted (states, x, cotangent) -> gradients of <y, cotangent> (+ aux losses) w.r.t.
   the weights and x: one forward and one backward pass of ``module``, a ``dense`` FFN, a
-  ``moe`` layer, or bare ``experts`` fed a perfectly balanced buffer (x's N tokens as
+  ``moe`` layer, a moe layer's ``router`` part (`MoeLayer.route`, the gates' sum standing in
+  for the combine), or bare ``experts`` fed a perfectly balanced buffer (x's N tokens as
   [E, N / E]: no router, no padding, no row moves)."""
-  graphdef, state = nnx.split(module)
+  # The router case differentiates the router's weights only: the (zero) gradients of every
+  # expert's weights would cost more than the routing itself.
+  filters = (nnx.PathContains('router'), ...) if kind == 'router' else (...,)
+  graphdef, *states = nnx.split(module, *filters)
 
-  def loss(state, x_BxLxD, ct_BxLxD):
-    m = nnx.merge(graphdef, state)
+  def loss(state, rest, x_BxLxD, ct_BxLxD):
+    m = nnx.merge(graphdef, state, *rest)
     extra = 0.0
     if kind == 'moe':
       y, stats = m(x_BxLxD, deterministic=False, rngs=routing_rngs())
       extra = sum(stats.losses.values())
+    elif kind == 'router':
+      g, s = routing_groups(*x_BxLxD.shape[:2], m.cfg.group_size)
+      r, stats = m.route(x_BxLxD.reshape(g, s, -1), m.capacity(s, False), deterministic=False,
+                         rngs=routing_rngs(), valid_GxS=jnp.ones((g, s), bool))
+      return jnp.sum(r.gate_GxSxK) + sum(stats.losses.values())
     elif kind == 'experts':
       e, d = m.wi.shape[0], x_BxLxD.shape[-1]
       y = m(x_BxLxD.reshape(e, -1, d), deterministic=True, rngs=None).reshape(x_BxLxD.shape)
@@ -198,7 +210,8 @@ def layer_fn(module: nnx.Module, kind: str):
       y = m(x_BxLxD, deterministic=True, rngs=None)
     return jnp.sum(y.astype(jnp.float32) * ct_BxLxD) + extra
 
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), state
+  grad = jax.grad(loss, argnums=(0, 2))
+  return jax.jit(lambda states, x, ct: grad(states[0], states[1:], x, ct)), tuple(states)
 
 
 def busiest_expert(layer: MoeLayer, x_BxLxD: jax.Array) -> float:
@@ -232,6 +245,10 @@ def run_layer_suite(args, env: dict) -> list[dict]:
       if n % e == 0:
         cases[BALANCED] = layer_fn(Experts(e, d, f, activation='relu', init_scale=0.1,
                                            dropout_rate=0.0, dtype=dtype, rngs=rngs), 'experts')
+      cases[ROUTER] = layer_fn(MoeLayer(d, f, moe_config(e, 'gather', group_size,
+                                                         args.capacity_factor),
+                                        activation='relu', init_scale=0.1, dtype=dtype,
+                                        rngs=nnx.Rngs(params=e)), 'router')
       for dispatch in args.dispatch:
         cfg = moe_config(e, dispatch, group_size, args.capacity_factor)
         layer = MoeLayer(d, f, cfg, activation='relu', init_scale=0.1, dtype=dtype,
@@ -254,15 +271,17 @@ def run_layer_suite(args, env: dict) -> list[dict]:
         cf = (1.0 if name in ('dense', BALANCED) or name.startswith('dropless')
               else args.capacity_factor)
         weight_bytes = 3 * 2 * d * f * dtype.itemsize * (1 if name == 'dense' else e)
-        floor_s = max(cf * dense_flops / rate, weight_bytes / bandwidth)
+        floor_s = (None if name == ROUTER else
+                   max(cf * dense_flops / rate, weight_bytes / bandwidth))
         records.append({
             'suite': 'layer', 'case': f'{name}/E{e}/G{group_size}', 'dispatch': name,
             'num_experts': 0 if name == 'dense' else e, 'group_size': group_size,
             'tokens': n, 'd_model': d, 'd_ff': f, 'dtype': args.dtype,
             'capacity_factor': cf, 'max_load': max_load if name in args.dispatch else None,
             'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
-            'ratio_to_dense': ms / (dense_s * 1e3), 'ratio_to_floor': ms / (floor_s * 1e3),
-            'floor_ms': floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
+            'ratio_to_dense': ms / (dense_s * 1e3),
+            'ratio_to_floor': floor_s and ms / (floor_s * 1e3),
+            'floor_ms': floor_s and floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
             'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})
   return records
 
@@ -346,7 +365,7 @@ def print_table(records: list[dict]) -> None:
     header = (f'{"case":<30} {"ms":>9} {"x dense":>8} {"x floor":>8} {"peak MiB":>9} '
               f'{"max load":>8}')
     rows = [f'{r["case"]:<30} {r["ms"]:>9.2f} {r["ratio_to_dense"]:>8.2f} '
-            f'{r["ratio_to_floor"]:>8.2f} '
+            f'{fmt(r["ratio_to_floor"], ".2f"):>8} '
             f'{fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9} '
             f'{fmt(r["max_load"], ".2f"):>8}' for r in records]
   else:

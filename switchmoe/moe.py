@@ -233,6 +233,36 @@ class MoeLayer(nnx.Module):
     run, params = self.run_sorted(deterministic)
     return run(params, x, group_sizes_E, key)
 
+  def route(self, x_GxSxD: jax.Array, capacity: int, *, deterministic: bool,
+            rngs: nnx.Rngs | None, valid_GxS: jax.Array) -> tuple[routing.Routing, MoeStats]:
+    """The router, the configured routing with ``capacity`` slots per expert, the auxiliary
+    losses (weighted) and diagnostics: everything of the layer but moving tokens."""
+    c = self.cfg
+    logits, probs = self.router(x_GxSxD, deterministic=deterministic, rngs=rngs)
+    logits_GxSxE, probs_GxSxE = logits.astype(jnp.float32), probs.astype(jnp.float32)
+    bias = self.router.expert_bias
+    bias_E = None if bias is None else bias[...]
+    r = routing.route(logits_GxSxE, probs_GxSxE, capacity, c.routing,
+                      deterministic=deterministic, rngs=rngs, bias_E=bias_E, valid_GxS=valid_GxS)
+    if self.sow_routing:
+      self.sow(nnx.Intermediate, 'routing', r)
+    losses = {
+        'load_balance': routing.load_balance_loss(probs_GxSxE, jnp.argmax(probs_GxSxE, -1),
+                                                  valid_GxS),
+        'importance': routing.importance_loss(probs_GxSxE, valid_GxS),
+        'z_loss': routing.router_z_loss(logits_GxSxE, valid_GxS),
+    }
+    diagnostics = router_stats(logits_GxSxE, probs_GxSxE, r, valid_GxS)
+    selected_fraction_E = None
+    if bias_E is not None:
+      selected_fraction_E = routing.masked_mean(
+          jax.nn.one_hot(r.selected_GxSxK, c.num_experts), valid_GxS[..., None, None],
+          axis=(0, 1, 2))
+      diagnostics['expert_bias_max'] = jnp.max(jnp.abs(bias_E))
+    return r, MoeStats(
+        losses={name: c.loss_weight(name) * value for name, value in losses.items()},
+        diagnostics=diagnostics, selected_fraction_E=selected_fraction_E)
+
   def __call__(self, x_BxLxD: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None,
                valid_BxL: jax.Array | None = None, decoding: bool = False
                ) -> tuple[jax.Array, MoeStats]:
@@ -252,14 +282,8 @@ class MoeLayer(nnx.Module):
     x_GxSxD = constrain(x_BxLxD.reshape(g, s, d), ('batch', None, 'embed'))
 
     # 1. Route.
-    logits, probs = self.router(x_GxSxD, deterministic=deterministic, rngs=rngs)
-    logits_GxSxE, probs_GxSxE = logits.astype(jnp.float32), probs.astype(jnp.float32)
-    bias = self.router.expert_bias
-    bias_E = None if bias is None else bias[...]
-    r = routing.route(logits_GxSxE, probs_GxSxE, capacity, c.routing,
-                      deterministic=deterministic, rngs=rngs, bias_E=bias_E, valid_GxS=valid_GxS)
-    if self.sow_routing:
-      self.sow(nnx.Intermediate, 'routing', r)
+    r, stats = self.route(x_GxSxD, capacity, deterministic=deterministic, rngs=rngs,
+                          valid_GxS=valid_GxS)
     # 2-4. Dispatch, run the experts, combine.
     axis_size = sharding.mesh_axis_size('expert')
     dispatch = dispatch_lib.resolve(c.dispatch, axis_size)
@@ -279,19 +303,4 @@ class MoeLayer(nnx.Module):
       shared_BxLxD = self.shared(x_BxLxD, deterministic=deterministic, rngs=rngs)
       y_BxLxD = y_BxLxD + jnp.where(valid_BxL[..., None], shared_BxLxD, 0)
 
-    losses = {
-        'load_balance': routing.load_balance_loss(probs_GxSxE, jnp.argmax(probs_GxSxE, -1),
-                                                  valid_GxS),
-        'importance': routing.importance_loss(probs_GxSxE, valid_GxS),
-        'z_loss': routing.router_z_loss(logits_GxSxE, valid_GxS),
-    }
-    diagnostics = router_stats(logits_GxSxE, probs_GxSxE, r, valid_GxS)
-    selected_fraction_E = None
-    if bias_E is not None:
-      selected_fraction_E = routing.masked_mean(
-          jax.nn.one_hot(r.selected_GxSxK, c.num_experts), valid_GxS[..., None, None],
-          axis=(0, 1, 2))
-      diagnostics['expert_bias_max'] = jnp.max(jnp.abs(bias_E))
-    return y_BxLxD, MoeStats(
-        losses={name: c.loss_weight(name) * value for name, value in losses.items()},
-        diagnostics=diagnostics, selected_fraction_E=selected_fraction_E)
+    return y_BxLxD, stats
