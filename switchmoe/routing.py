@@ -132,8 +132,10 @@ def assign_slots(expert_index_GxSxK: jax.Array, num_experts: int, capacity: int,
   if used_GxE is not None:
     used_GxE1 = jnp.pad(used_GxE.astype(jnp.int32), ((0, 0), (0, 1)))
     rank_GxN = rank_GxN + jnp.take_along_axis(used_GxE1, sorted_expert_GxN, axis=1)
-  position_GxN = jnp.zeros((g, n), jnp.int32).at[jnp.arange(g)[:, None], source_GxN].set(
-      rank_GxN, unique_indices=True)
+  # vmap makes the group a batch dimension of the scatter, which GSPMD keeps sharded (an
+  # explicit group index would be all-gathered).
+  position_GxN = jax.vmap(lambda source_N, rank_N: jnp.zeros((n,), jnp.int32).at[source_N].set(
+      rank_N, unique_indices=True))(source_GxN, rank_GxN)
   position = jnp.where(valid, jnp.swapaxes(position_GxN.reshape(g, k, s), 1, 2), 0)
   kept = valid & (position < capacity)
   if priority_GxS is not None:

@@ -126,6 +126,20 @@ def test_assign_slots_properties(args):
   np.testing.assert_array_equal(np.asarray(kept), ref_kept)
 
 
+def test_assign_slots_keeps_groups_sharded():
+  # Groups are independent: with them split over devices (GSPMD, as the layer runs on a
+  # data axis), slot assignment must move nothing between devices.
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.sharding.NamedSharding(mesh, jax.P('data'))
+  index = jax.device_put(jnp.zeros((8, 16, 2), jnp.int32), sharded)
+  valid = jax.device_put(jnp.ones((8, 16, 2), bool), sharded)
+  used = jax.device_put(jnp.zeros((8, 4), jnp.int32), sharded)
+  fn = lambda i, v, u: routing.assign_slots(i, 4, 3, valid_GxSxK=v, used_GxE=u)
+  hlo = jax.jit(fn).lower(index, valid, used).compile().as_text()
+  for collective in ('all-gather', 'all-reduce', 'all-to-all', 'collective-permute'):
+    assert collective not in hlo, collective
+
+
 def test_assign_slots_rejects_groups_too_large_to_rank():
   index = jnp.zeros((1, 2**16, 1), jnp.int32)
   with pytest.raises(ValueError, match='model.moe.group_size'):
