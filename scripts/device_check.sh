@@ -64,8 +64,9 @@ for name in "${PARTS[@]}"; do
            cp /tmp/switchmoe_device_run/metrics.jsonl "$OUT/train/" 2>/dev/null
            ls -R /tmp/switchmoe_device_run >> "$OUT/train.log" 2>&1 ;;
     # tests/conftest.py defaults JAX to the CPU; tests that need 8 simulated devices fail here.
+    # One process (no xdist workers, which the image may lack): they would share one GPU.
     tests) JAX_PLATFORMS=${TEST_PLATFORM:-cuda} part tests 150 $PY -m pytest -q \
-             -p no:cacheprovider "${TESTS[@]}" ;;
+             -o addopts= -m 'not slow' -p no:xdist -p no:cacheprovider "${TESTS[@]}" ;;
     *) echo "device_check.sh: unknown part '$name' (layer, step, train, tests)" >&2; exit 2 ;;
   esac
 done

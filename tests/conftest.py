@@ -13,6 +13,16 @@ jax.config.update('jax_num_cpu_devices', 8)
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(optionalhook=True)  # also runs without xdist: `-p no:xdist`
+def pytest_xdist_auto_num_workers(config):
+  """Workers for ``-n auto`` (setup.cfg): one per core, at most one per 4 GiB of memory.
+  Every worker compiles with XLA's threads on all cores, so more workers than cores only
+  contend: on 2 cores, 3 workers ran the default suite in 1.27x the time of 2."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  memory_gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+  return max(1, min(cores or 1, int(memory_gib // 4)))
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   """A private TFDS data_dir for the whole session (never the user's cache)."""
