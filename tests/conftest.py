@@ -13,7 +13,7 @@ jax.config.update('jax_num_cpu_devices', 8)
 import pytest  # noqa: E402
 
 
-@pytest.hookimpl(optionalhook=True)  # also runs without xdist: `-p no:xdist`
+@pytest.hookimpl(optionalhook=True)  # no error when xdist is not loaded (`-p no:xdist`)
 def pytest_xdist_auto_num_workers(config):
   """Workers for ``-n auto`` (setup.cfg): one per core, at most one per 4 GiB of memory.
   Every worker compiles with XLA's threads on all cores, so more workers than cores only
