@@ -2,10 +2,16 @@
 mesh of CPU devices and report per-device memory and the collectives it contains.
 
   python scripts/plan.py --config=configs/switch_base.py --devices=32 \
-      --config.mesh.shape='(2,16)' --config.mesh.axes="('data','expert')"
+      --config.mesh.shape='(2,16)' --config.mesh.axes="('data','expert')" --device_gib=80
 
-Nothing is allocated: parameters, optimizer state and the batch are abstract. Exit code 2 with a
-one-line error for a bad flag, field or layout, as switchmoe-train.
+Nothing is allocated: parameters, optimizer state and the batch are abstract. ``--device_gib``
+is the memory of one device of the target (80 for an 80 GB GPU): the plan is refused before
+compiling if the parameters, gradients and optimizer state alone exceed it, and after compiling
+if the step's estimated peak does (exit code 2, one line, as switchmoe-train's own check).
+Without it nothing is held to a limit: the simulated devices' share of this machine's memory
+says nothing about the target. The peak is XLA:CPU's estimate of the compiled step (its inputs,
+outputs and temporaries); an accelerator's compiler fuses and lays out differently, so treat
+it as a plan, not a measurement.
 """
 
 import argparse
@@ -19,6 +25,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', required=True, help='a config file in configs/')
   parser.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
+  parser.add_argument('--device_gib', type=float, default=None,
+                      help="memory of one target device in GiB (default: not checked)")
   return parser.parse_known_args(argv)
 
 
@@ -65,7 +73,10 @@ def gib(n: float) -> str:
 def main() -> None:
   try:
     config = load_config(ARGS.config, OVERRIDES)
-    s = train.make_setup(config)
+    if ARGS.device_gib is not None and not ARGS.device_gib > 0:
+      raise ValueError(f'--device_gib={ARGS.device_gib}: must be a positive number of GiB')
+    limit = None if ARGS.device_gib is None else int(ARGS.device_gib * 2**30)
+    s = train.make_setup(config, device_bytes=limit)
   except ValueError as e:  # a bad field or an impossible layout
     fail(str(e))
   mesh = dict(s.mesh.shape)
@@ -79,9 +90,14 @@ def main() -> None:
           ('params per device', gib(per_device_bytes(state['params']))),
           ('optimizer state per device', gib(per_device_bytes(state['opt_state'])))]
   memory = compiled.memory_analysis()
+  peak = None
   if memory is not None:
+    # Donated inputs alias the outputs they become, so they count once.
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     rows += [('activations / temporaries per device', gib(memory.temp_size_in_bytes)),
-             ('step inputs per device', gib(memory.argument_size_in_bytes))]
+             ('step inputs per device', gib(memory.argument_size_in_bytes)),
+             ('estimated peak per device', gib(peak))]
   hlo = compiled.as_text()
   for op in COLLECTIVES:
     count = len(re.findall(rf' {op}(-start)?\(', hlo))
@@ -89,6 +105,12 @@ def main() -> None:
   width = max(len(name) for name, _ in rows)
   for name, value in rows:
     print(f'{name:<{width}}  {value}')
+  if limit is not None and peak is not None:
+    if peak > limit:
+      fail(f'the compiled step\'s estimated peak, {peak / 2**30:,.2f} GiB per device, is more '
+           f'than --device_gib={ARGS.device_gib:g}; allowed: a smaller train.batch_size, '
+           'model.remat, or more devices on the mesh axes that shard the model')
+    print(f'fits in --device_gib={ARGS.device_gib:g}: {peak / limit:.0%} of it')
 
 
 if __name__ == '__main__':

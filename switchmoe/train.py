@@ -145,9 +145,12 @@ def eval_step(params: dict, batch: dict[str, jax.Array], *, graphdef: nnx.GraphD
 
 
 def make_setup(config: ml_collections.ConfigDict,
-               devices: list[jax.Device] | None = None) -> Setup:
+               devices: list[jax.Device] | None = None,
+               device_bytes: int | None | str = 'own') -> Setup:
   """The run's sharded functions for a validated ``config`` (`config.validate`; `train`
-  validates), compiling only the init."""
+  validates), compiling only the init. ``device_bytes``: what `check_fits` holds one device
+  to, ``'own'`` for the devices' own memory, a byte count for a device planned for
+  (scripts/plan.py's simulated devices are not the target), None for no check."""
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
   rules = sharding.merge_rules(config.mesh.rules)
   n = batch_devices(mesh, rules)
@@ -169,7 +172,11 @@ def make_setup(config: ml_collections.ConfigDict,
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0),
                                            expert_parallel=config.mesh.expert_parallel)))
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
-  check_fits(config, abstract_params, param_shardings)
+  if device_bytes is not None:
+    device = (devices or jax.devices())[0]
+    check_fits(config, abstract_params, param_shardings,
+               *((device_memory(device), f'one {device.device_kind} device')
+                 if device_bytes == 'own' else (device_bytes, 'the device planned for')))
   init = functools.partial(init_state, config=config, graphdef=graphdef, tx=tx,
                            param_shardings=param_shardings)
   with jax.set_mesh(mesh), sharding.use_rules(rules):
@@ -199,29 +206,28 @@ def device_memory(device: jax.Device) -> int | None:
   return ram // max(jax.local_device_count(), 1)
 
 
-def check_fits(config: ml_collections.ConfigDict, abstract_params, shardings) -> None:
-  """Raises ValueError before compiling if one device cannot even hold its shard of the
-  parameters, their gradients and the optimizer state (activations come on top)."""
+def check_fits(config: ml_collections.ConfigDict, abstract_params, shardings,
+               have: int | None, where: str) -> None:
+  """Raises ValueError before compiling if one device (``have`` bytes, ``where``) cannot
+  even hold its shard of the parameters, their gradients and the optimizer state
+  (activations come on top)."""
   leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  flat_shardings = jax.tree.leaves(shardings)
   sizes = [(np.prod(sh.shard_shape(x.value.shape if hasattr(x, 'value') else x.shape),
                     dtype=np.float64) * np.dtype(x.dtype).itemsize, path, x)
-           for (path, x), sh in zip(leaves, flat_shardings)]
+           for (path, x), sh in zip(leaves, jax.tree.leaves(shardings))]
   # Gradients as large as the parameters; AdamW keeps two moments, Adafactor's factored
   # moments are small next to the weights.
   copies = 2 + (2 if config.optim.name == 'adamw' else 0)
   need = copies * sum(size for size, _, _ in sizes)
-  device = jax.devices()[0]
-  have = device_memory(device)
   if have is None or need <= have:
     return
   size, path, x = max(sizes, key=lambda item: item[0])
   gib, name = 2.0 ** 30, checkpoint_lib.path_name(path).removesuffix('/value')
   raise ValueError(
-      f'model: parameters, gradients and optimizer state need {need / gib:,.1f} GiB per '
-      f'device, more than the {have / gib:,.1f} GiB of one {device.device_kind} device (the '
-      f'largest, {name} {tuple(x.shape)}, is {size / gib:,.1f} GiB per device); allowed: smaller '
-      'model.* sizes or more devices on the mesh axes that shard them')
+      f'model: parameters, gradients and optimizer state need {need / gib:,.2f} GiB per '
+      f'device, more than the {have / gib:,.2f} GiB of {where} (the largest, {name} '
+      f'{tuple(x.shape)}, is {size / gib:,.2f} GiB per device); allowed: smaller model.* '
+      'sizes or more devices on the mesh axes that shard them')
 
 
 @contextlib.contextmanager

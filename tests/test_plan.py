@@ -25,9 +25,12 @@ def run_plan(*args, timeout=600):
 def test_plan_reports_memory_and_all_to_all():
   overrides = ['--config.mesh.shape=(2,4)', '--config.model.num_layers=1',
                '--config.model.moe.every=1']
-  done = run_plan('--config=configs/switch_tiny.py', '--devices=8', *overrides)
+  done = run_plan('--config=configs/switch_tiny.py', '--devices=8', '--device_gib=80',
+                  *overrides)
   assert done.returncode == 0, done.stderr[-2000:]
   out = done.stdout
+  peak = float(re.search(r'estimated peak per device\s+([\d.]+) GiB', out).group(1))
+  assert out.endswith(f'fits in --device_gib=80: {peak / 80:.0%} of it\n')
   assert "mesh {'data': 2, 'expert': 4} on 8 simulated devices" in out
   assert int(re.search(r'all-to-all ops in the step\s+(\d+)', out).group(1)) > 0
   per_device = float(re.search(r'params per device\s+([\d.]+) GiB', out).group(1))
@@ -38,7 +41,29 @@ def test_plan_reports_memory_and_all_to_all():
   assert re.search(rf'parameters \(all devices\) +{count:,}\n', out)  # a count, not a size
 
 
+@pytest.mark.slow
+def test_plan_refuses_a_step_whose_compiled_peak_exceeds_the_device(tmp_path):
+  """Parameters, gradients and optimizer state fit, the step's activations do not: refused
+  after compiling, with the estimate in the line."""
+  args = ['--config=configs/switch_tiny.py', '--devices=1', '--config.model.num_layers=1',
+          '--config.model.moe.every=1', '--config.train.batch_size=64']
+  done = run_plan(*args, '--device_gib=80')
+  assert done.returncode == 0, done.stderr[-2000:]
+  gib = {name: float(re.search(rf'{name} per device\s+([\d.]+) GiB', done.stdout).group(1))
+         for name in ('params', 'optimizer state', 'estimated peak')}
+  # Between the state's need (parameters and their gradients, the optimizer state) and the peak.
+  limit = (2 * gib['params'] + gib['optimizer state'] + gib['estimated peak']) / 2
+  assert 2 * gib['params'] + gib['optimizer state'] < limit < gib['estimated peak']
+  done = run_plan(*args, f'--device_gib={limit}')
+  assert done.returncode == 2
+  line = done.stderr
+  assert line.startswith("error: the compiled step's estimated peak, ") and line.count('\n') == 1
+  assert f'GiB per device, is more than --device_gib={limit:g}; allowed: ' in line
+
+
 @pytest.mark.parametrize('args, message', [
+    (['--device_gib=0.001'], 'error: model: parameters, gradients and optimizer state need '),
+    (['--device_gib=-1'], 'error: --device_gib=-1.0: must be a positive number of GiB'),
     (['--config.mesh.shape=(3,3)'], 'error: mesh.shape (3, 3) needs 9 devices, only 8 are '
                                     'available'),
     (['--config.mesh.shape=(2,4)', '--config.model.moe.num_experts=3'],
