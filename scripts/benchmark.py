@@ -32,7 +32,9 @@ set JAX_NUM_CPU_DEVICES first to simulate devices.
 
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries - aliased), the same
 on every platform; accelerators also report the allocator's peak in ``device_peak_bytes``.
-``--json`` writes one JSON record per case (one per line). Progress goes to stderr.
+``--json`` writes one JSON record per case (one per line), rewritten after each case so that
+a run cut short keeps what it measured. A step case that fails (out of memory, say) is recorded
+with its ``error`` and the others still run; the script then exits 1. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -225,7 +228,8 @@ def busiest_expert(layer: MoeLayer, x_BxLxD: jax.Array) -> float:
   return float(jnp.max(fraction_E) * fraction_E.shape[0])
 
 
-def run_layer_suite(args, env: dict) -> list[dict]:
+def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list[dict]:
+  """Every E x group size; ``save`` gets the records after each."""
   dtype = jnp.dtype(args.dtype)
   repeats = args.repeats
   rate = matmul_rate(dtype, repeats)
@@ -283,6 +287,7 @@ def run_layer_suite(args, env: dict) -> list[dict]:
             'ratio_to_floor': floor_s and ms / (floor_s * 1e3),
             'floor_ms': floor_s and floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
             'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})
+      save(records)
   return records
 
 
@@ -310,44 +315,58 @@ def synthetic_batch(config) -> dict[str, np.ndarray]:
   return batch
 
 
-def run_step_suite(args, env: dict) -> list[dict]:
+def step_record(case: str, args, env: dict) -> dict:
+  """One case of the step suite: compile, one warm-up step, ``args.steps`` timed steps."""
+  config = case_config(case, args.set, args.batch_size)
+  s = train.make_setup(config)
+  with train.mesh_context(s):
+    state = s.init(jax.random.key(0))
+    batch = train.device_batch(s, synthetic_batch(config))
+    start = time.perf_counter()
+    step = s.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, _ = block(step(state, batch))  # the first run pays for allocation and caches
+    seconds = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      state, _ = block(step(state, batch))
+      seconds.append(time.perf_counter() - start)
+  step_s = statistics.median(seconds)
+  perf = train.perf_metrics(config, s.mesh, step_s)
+  moe = config.model.moe
+  expert_axis = dict(s.mesh.shape).get('expert', 1)
+  progress(f'  {case}: {step_s * 1e3:.1f} ms/step, {perf["perf/tokens_per_sec"]:,.0f} tok/s, '
+           f'compiled in {compile_s:.1f} s')
+  return {
+      'suite': 'step', 'case': case,
+      'dispatch': dispatch_lib.resolve(moe.dispatch, expert_axis) if moe.every else 'dense',
+      'mesh': dict(s.mesh.shape), 'collective_bytes': collective_bytes(step),
+      'num_experts': moe.num_experts if moe.every else 0, 'tokens': train.tokens_per_step(config),
+      'batch_size': config.train.batch_size, 'ms': step_s * 1e3,
+      'tokens_per_s': perf['perf/tokens_per_sec'],
+      'model_tflops_per_device': perf['perf/model_tflops_per_device'],
+      'mfu': perf.get('perf/mfu'), 'compile_s': compile_s, 'peak_bytes': peak_bytes(step),
+      # The process's peak so far: cases run in order, so a case after a larger one reads it.
+      'device_peak_bytes': device_peak_bytes(), 'ratio_to_floor': None, **env}
+
+
+def run_step_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list[dict]:
+  """Every case in turn. A case that fails at run time (out of memory on a device, say) is
+  recorded with its error and the next one runs; ``save`` gets the records after each."""
   records = []
   for case in args.cases:
-    config = case_config(case, args.set, args.batch_size)
-    s = train.make_setup(config)
-    with train.mesh_context(s):
-      state = s.init(jax.random.key(0))
-      batch = train.device_batch(s, synthetic_batch(config))
-      start = time.perf_counter()
-      step = s.train_step.lower(state, batch).compile()
-      compile_s = time.perf_counter() - start
-      state, _ = block(step(state, batch))  # the first run pays for allocation and caches
-      seconds = []
-      for _ in range(args.steps):
-        start = time.perf_counter()
-        state, _ = block(step(state, batch))
-        seconds.append(time.perf_counter() - start)
-    step_s = statistics.median(seconds)
-    perf = train.perf_metrics(config, s.mesh, step_s)
-    moe = config.model.moe
-    expert_axis = dict(s.mesh.shape).get('expert', 1)
-    comm = collective_bytes(step)
-    records.append({
-        'suite': 'step', 'case': case,
-        'dispatch': dispatch_lib.resolve(moe.dispatch, expert_axis) if moe.every else 'dense',
-        'mesh': dict(s.mesh.shape), 'collective_bytes': comm,
-        'num_experts': moe.num_experts if moe.every else 0, 'tokens': train.tokens_per_step(config),
-        'batch_size': config.train.batch_size, 'ms': step_s * 1e3,
-        'tokens_per_s': perf['perf/tokens_per_sec'],
-        'model_tflops_per_device': perf['perf/model_tflops_per_device'],
-        'mfu': perf.get('perf/mfu'), 'compile_s': compile_s, 'peak_bytes': peak_bytes(step),
-        'device_peak_bytes': device_peak_bytes(), 'ratio_to_floor': None, **env})
-    progress(f'  {case}: {step_s * 1e3:.1f} ms/step, {perf["perf/tokens_per_sec"]:,.0f} tok/s, '
-             f'compiled in {compile_s:.1f} s')
-  dense = next((r for r, case in zip(records, args.cases)
-                if not case_config(case, args.set, args.batch_size).model.moe.every), None)
-  for r in records:
-    r['ratio_to_dense'] = None if dense is None else r['ms'] / dense['ms']
+    try:
+      records.append(step_record(case, args, env))
+    except Exception as e:  # noqa: BLE001 -- any failure of one case; the record says which
+      error = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+      progress(f'  {case}: failed, {error}')
+      records.append({'suite': 'step', 'case': case, 'error': error, **env})
+    dense = next((r for r, case in zip(records, args.cases) if 'error' not in r
+                  and not case_config(case, args.set, args.batch_size).model.moe.every), None)
+    for r in records:
+      if 'error' not in r:
+        r['ratio_to_dense'] = None if dense is None else r['ms'] / dense['ms']
+    save(records)
   return records
 
 
@@ -359,6 +378,10 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(records: list[dict]) -> None:
+  failed = [r for r in records if 'error' in r]
+  records = [r for r in records if 'error' not in r]
+  for r in failed:
+    print(f'{r["case"]}: failed, {r["error"]}')
   if not records:
     return
   if records[0]['suite'] == 'layer':
@@ -430,6 +453,11 @@ def parse_args(argv):
   for case in args.cases:
     if not (REPO / 'configs' / f'{case.partition(":")[0]}.py').exists():
       p.error(f'--cases: no config file configs/{case.partition(":")[0]}.py')
+    if args.suite == 'step':
+      try:
+        case_config(case, args.set, args.batch_size)
+      except ValueError as e:
+        p.error(f'--cases {case}: {e}')
   return args
 
 
@@ -437,11 +465,17 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   env = environment()
   progress(f'{args.suite} suite on {env["device_kind"]} ({env["platform"]}), jax {env["jax"]}')
-  records = (run_layer_suite if args.suite == 'layer' else run_step_suite)(args, env)
+
+  def save(records: list[dict]) -> None:  # all records so far: a run cut short keeps them
+    if args.json:
+      with open(args.json + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+      os.replace(args.json + '.tmp', args.json)
+
+  records = (run_layer_suite if args.suite == 'layer' else run_step_suite)(args, env, save)
   print_table(records)
-  if args.json:
-    with open(args.json, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records)
+  if any('error' in r for r in records):
+    sys.exit(1)
 
 
 if __name__ == '__main__':
