@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -83,8 +84,13 @@ def main() -> None:
   print(f'mesh {mesh} on {len(jax.devices())} simulated devices, '
         f'expert parallel: {config.mesh.expert_parallel}')
   state = s.abstract_state
+  # Minutes for a large model on a few cores: say so while it runs.
+  print(f'compiling the train step for {len(jax.devices())} devices ...', file=sys.stderr,
+        flush=True)
+  start = time.perf_counter()
   with train.mesh_context(s):
     compiled = s.train_step.lower(state, abstract_batch(config, s.batch_sharding)).compile()
+  print(f'compiled in {time.perf_counter() - start:.0f} s', file=sys.stderr, flush=True)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
   rows = [('parameters (all devices)', f'{params:10,}'),
           ('params per device', gib(per_device_bytes(state['params']))),

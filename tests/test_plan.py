@@ -56,8 +56,9 @@ def test_plan_refuses_a_step_whose_compiled_peak_exceeds_the_device(tmp_path):
   assert 2 * gib['params'] + gib['optimizer state'] < limit < gib['estimated peak']
   done = run_plan(*args, f'--device_gib={limit}')
   assert done.returncode == 2
-  line = done.stderr
-  assert line.startswith("error: the compiled step's estimated peak, ") and line.count('\n') == 1
+  progress, line = done.stderr.splitlines()[:-1], done.stderr.splitlines()[-1]
+  assert [p.split()[0] for p in progress] == ['compiling', 'compiled']
+  assert line.startswith("error: the compiled step's estimated peak, ")
   assert f'GiB per device, is more than --device_gib={limit:g}; allowed: ' in line
 
 
