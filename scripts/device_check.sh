@@ -69,7 +69,11 @@ for name in "${PARTS[@]}"; do
            ls -R /tmp/switchmoe_device_run >> "$OUT/train.log" 2>&1 ;;
     # tests/conftest.py defaults JAX to the CPU; tests that need 8 simulated devices fail here.
     # One process (no xdist workers, which the image may lack): they would share one GPU.
-    tests) JAX_PLATFORMS=${TEST_PLATFORM:-cuda} part tests 150 $PY -m pytest -q \
+    # -v names each test as it ends, so a part cut short by its limit still says how far it got.
+    # Full-precision float32 matmuls: the tests' tolerances against float64 references are
+    # for float32, and a GPU's default for float32 matmuls is TF32.
+    tests) JAX_PLATFORMS=${TEST_PLATFORM:-cuda} JAX_DEFAULT_MATMUL_PRECISION=highest \
+           part tests 150 $PY -m pytest -v \
              -o addopts= -m 'not slow' -p no:xdist -p no:cacheprovider "${TESTS[@]}" ;;
     *) echo "device_check.sh: unknown part '$name' (layer, step, train, tests)" >&2; exit 2 ;;
   esac
