@@ -99,15 +99,6 @@ def time_once(fn, *args) -> float:
   return time.perf_counter() - start
 
 
-def peak_bytes(compiled) -> int | None:
-  """XLA's estimate of a compiled function's peak memory."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-
-
 COLLECTIVES = ('all-to-all', 'ragged-all-to-all', 'all-gather', 'reduce-scatter', 'all-reduce',
                'collective-permute')
 _COLLECTIVE = re.compile(r' (%s)(?:-start)?\(' % '|'.join(COLLECTIVES))
@@ -285,7 +276,8 @@ def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list
             'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
             'ratio_to_dense': ms / (dense_s * 1e3),
             'ratio_to_floor': floor_s and ms / (floor_s * 1e3),
-            'floor_ms': floor_s and floor_s * 1e3, 'peak_bytes': peak_bytes(compiled[name]),
+            'floor_ms': floor_s and floor_s * 1e3,
+            'peak_bytes': train.compiled_peak_bytes(compiled[name]),
             'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})
       save(records)
   return records
@@ -345,7 +337,8 @@ def step_record(case: str, args, env: dict) -> dict:
       'batch_size': config.train.batch_size, 'ms': step_s * 1e3,
       'tokens_per_s': perf['perf/tokens_per_sec'],
       'model_tflops_per_device': perf['perf/model_tflops_per_device'],
-      'mfu': perf.get('perf/mfu'), 'compile_s': compile_s, 'peak_bytes': peak_bytes(step),
+      'mfu': perf.get('perf/mfu'), 'compile_s': compile_s,
+      'peak_bytes': train.compiled_peak_bytes(step),
       # The process's peak so far: cases run in order, so a case after a larger one reads it.
       'device_peak_bytes': device_peak_bytes(), 'ratio_to_floor': None, **env}
 
@@ -353,16 +346,18 @@ def step_record(case: str, args, env: dict) -> dict:
 def run_step_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list[dict]:
   """Every case in turn. A case that fails at run time (out of memory on a device, say) is
   recorded with its error and the next one runs; ``save`` gets the records after each."""
+  is_dense = [not case_config(case, args.set, args.batch_size).model.moe.every
+              for case in args.cases]
   records = []
   for case in args.cases:
     try:
       records.append(step_record(case, args, env))
     except Exception as e:  # noqa: BLE001 -- any failure of one case; the record says which
-      error = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+      lines = str(e).strip().splitlines() or ['']
+      error = f'{type(e).__name__}: {lines[0]}'
       progress(f'  {case}: failed, {error}')
       records.append({'suite': 'step', 'case': case, 'error': error, **env})
-    dense = next((r for r, case in zip(records, args.cases) if 'error' not in r
-                  and not case_config(case, args.set, args.batch_size).model.moe.every), None)
+    dense = next((r for r, d in zip(records, is_dense) if d and 'error' not in r), None)
     for r in records:
       if 'error' not in r:
         r['ratio_to_dense'] = None if dense is None else r['ms'] / dense['ms']

@@ -95,12 +95,8 @@ def main() -> None:
   rows = [('parameters (all devices)', f'{params:10,}'),
           ('params per device', gib(per_device_bytes(state['params']))),
           ('optimizer state per device', gib(per_device_bytes(state['opt_state'])))]
-  memory = compiled.memory_analysis()
-  peak = None
+  memory, peak = compiled.memory_analysis(), train.compiled_peak_bytes(compiled)
   if memory is not None:
-    # Donated inputs alias the outputs they become, so they count once.
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     rows += [('activations / temporaries per device', gib(memory.temp_size_in_bytes)),
              ('step inputs per device', gib(memory.argument_size_in_bytes)),
              ('estimated peak per device', gib(peak))]

@@ -172,11 +172,12 @@ def make_setup(config: ml_collections.ConfigDict,
       nnx.eval_shape(lambda: LanguageModel(config.model, rngs=nnx.Rngs(0),
                                            expert_parallel=config.mesh.expert_parallel)))
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
-  if device_bytes is not None:
+  if device_bytes == 'own':
     device = (devices or jax.devices())[0]
-    check_fits(config, abstract_params, param_shardings,
-               *((device_memory(device), f'one {device.device_kind} device')
-                 if device_bytes == 'own' else (device_bytes, 'the device planned for')))
+    check_fits(config, abstract_params, param_shardings, device_memory(device),
+               f'one {device.device_kind} device')
+  elif device_bytes is not None:
+    check_fits(config, abstract_params, param_shardings, device_bytes, 'the device planned for')
   init = functools.partial(init_state, config=config, graphdef=graphdef, tx=tx,
                            param_shardings=param_shardings)
   with jax.set_mesh(mesh), sharding.use_rules(rules):
@@ -204,6 +205,16 @@ def device_memory(device: jax.Device) -> int | None:
   except (ValueError, OSError, AttributeError):
     return None
   return ram // max(jax.local_device_count(), 1)
+
+
+def compiled_peak_bytes(compiled) -> int | None:
+  """XLA's estimate of a compiled function's peak memory per device: its arguments, outputs
+  and temporaries, donated arguments counted once (they alias the outputs they become)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
 
 
 def check_fits(config: ml_collections.ConfigDict, abstract_params, shardings,

@@ -56,7 +56,8 @@ def test_step_suite(tmp_path):
   small = 'model.num_layers=1,model.d_model=16,model.d_ff=32,model.num_heads=2,model.d_kv=8'
   # The middle case cannot fit one device (a billion-token vocabulary): recorded, not fatal.
   records, table = run(['--suite=step', '--cases', 't5_tiny',
-                        't5_tiny:model.vocab_size=1000000000', 'switch_tiny:model.moe.num_experts=4,model.remat=full',
+                        't5_tiny:model.vocab_size=1000000000',
+                        'switch_tiny:model.moe.num_experts=4,model.remat=full',
                         '--steps=2', '--batch_size=8', f'--set={small}'], tmp_path, returncode=1)
   dense, too_big, switch = records
   assert too_big['error'].startswith('ValueError: model: parameters, gradients and optimizer '
