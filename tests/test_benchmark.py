@@ -107,6 +107,31 @@ def test_collective_bytes_reads_the_partitioned_program():
                                                   'all-to-all': 128}
 
 
+def test_layer_cases_do_all_of_their_forward_pass():
+  """Each layer case computes y and its gradients: the dense FFN and the balanced experts run
+  all six matmuls of a forward and a backward pass (XLA would drop the forward's last one if
+  nothing read y), so the MoE layers, whose gates read y, are compared with all of it."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from switchmoe.layers import Experts, FeedForward
+  benchmark = load_benchmark()
+  n, d, f, e = 64, 16, 32, 4
+  x = jax.random.normal(jax.random.key(0), (1, n, d))
+  ct = jax.random.normal(jax.random.key(1), (1, n, d))
+  rngs = nnx.Rngs(params=0)
+  modules = {'dense': FeedForward(d, f, activation='relu', init_scale=1.0, dropout_rate=0.0,
+                                  dtype=jnp.float32, rngs=rngs),
+             'experts': Experts(e, d, f, activation='relu', init_scale=1.0, dropout_rate=0.0,
+                                dtype=jnp.float32, rngs=rngs)}
+  for kind, module in modules.items():
+    fn, states = benchmark.layer_fn(module, kind)
+    flops = fn.lower(states, x, ct).compile().cost_analysis()['flops']
+    assert flops >= 6 * 2 * n * d * f, (kind, flops)
+    (_, dx), y = fn(states, x, ct)
+    assert y.shape == x.shape == dx.shape
+
+
 def test_override_lists_keep_bracketed_commas():
   benchmark = load_benchmark()
   assert benchmark.str_list("mesh.shape=(2,4),mesh.axes=('data','expert'),,a=1") == [
