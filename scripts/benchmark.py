@@ -198,9 +198,7 @@ def layer_fn(module: nnx.Module, kind: str):
       y, stats = m(x_BxLxD, deterministic=False, rngs=routing_rngs())
       extra = sum(stats.losses.values())
     elif kind == 'router':
-      g, s = routing_groups(*x_BxLxD.shape[:2], m.cfg.group_size)
-      r, stats = m.route(x_BxLxD.reshape(g, s, -1), m.capacity(s, False), deterministic=False,
-                         rngs=routing_rngs(), valid_GxS=jnp.ones((g, s), bool))
+      r, stats = route(m, x_BxLxD)
       return jnp.sum(r.gate_GxSxK) + sum(stats.losses.values()), r.gate_GxSxK
     elif kind == 'experts':
       e, d = m.wi.shape[0], x_BxLxD.shape[-1]
@@ -213,13 +211,18 @@ def layer_fn(module: nnx.Module, kind: str):
   return jax.jit(lambda states, x, ct: grad(states[0], states[1:], x, ct)), tuple(states)
 
 
+def route(layer: MoeLayer, x_BxLxD: jax.Array):
+  """(`routing.Routing`, `MoeStats`) of ``layer``'s training-mode routing of x's tokens."""
+  g, s = routing_groups(*x_BxLxD.shape[:2], layer.cfg.group_size)
+  return layer.route(x_BxLxD.reshape(g, s, -1), layer.capacity(s, False), deterministic=False,
+                     rngs=routing_rngs(), valid_GxS=jnp.ones((g, s), bool))
+
+
 def busiest_expert(layer: MoeLayer, x_BxLxD: jax.Array) -> float:
   """The top-1 load of the busiest expert over the mean, for these tokens (every layer of one
   case has the same router, so the same routing): what capacity padding and dropless
   buffers are sized against."""
-  rngs = routing_rngs()
-  _, stats = nnx.jit(lambda m, x, rngs: m(x, deterministic=False, rngs=rngs))(layer, x_BxLxD,
-                                                                           rngs)
+  _, stats = nnx.jit(route)(layer, x_BxLxD)
   fraction_E = stats.diagnostics['expert_fraction_E']
   return float(jnp.max(fraction_E) * fraction_E.shape[0])
 
@@ -241,32 +244,38 @@ def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list
   records = []
   for e in args.experts:
     for group_size in args.group_sizes:
-      cases, max_load = {'dense': layer_fn(dense, 'dense')}, None
+      cases = {'dense': layer_fn(dense, 'dense')}
       if n % e == 0:
         cases[BALANCED] = layer_fn(Experts(e, d, f, activation='relu', init_scale=0.1,
                                            dropout_rate=0.0, dtype=dtype, rngs=rngs), 'experts')
-      cases[ROUTER] = layer_fn(MoeLayer(d, f, moe_config(e, 'gather', group_size,
-                                                         args.capacity_factor),
-                                        activation='relu', init_scale=0.1, dtype=dtype,
-                                        rngs=nnx.Rngs(params=e)), 'router')
+      router = MoeLayer(d, f, moe_config(e, 'gather', group_size, args.capacity_factor),
+                        activation='relu', init_scale=0.1, dtype=dtype, rngs=nnx.Rngs(params=e))
+      cases[ROUTER] = layer_fn(router, 'router')
+      max_load = busiest_expert(router, x)
       for dispatch in args.dispatch:
         cfg = moe_config(e, dispatch, group_size, args.capacity_factor)
-        layer = MoeLayer(d, f, cfg, activation='relu', init_scale=0.1, dtype=dtype,
-                         rngs=nnx.Rngs(params=e))
-        cases[dispatch] = layer_fn(layer, 'moe')
-        max_load = max_load or busiest_expert(layer, x)
-      compiled, seconds = {}, {name: [] for name in cases}
+        cases[dispatch] = layer_fn(MoeLayer(d, f, cfg, activation='relu', init_scale=0.1,
+                                            dtype=dtype, rngs=nnx.Rngs(params=e)), 'moe')
+      compiled = {}
       for name, (fn, state) in cases.items():
         start = time.perf_counter()
-        compiled[name] = fn.lower(state, x, ct).compile()
-        block(compiled[name](state, x, ct))
+        try:
+          compiled[name] = fn.lower(state, x, ct).compile()
+          block(compiled[name](state, x, ct))
+        except Exception as err:  # noqa: BLE001 -- one case (out of memory, say); not dense
+          if name == 'dense':
+            raise
+          records.append(failure_record('layer', f'{name}/E{e}/G{group_size}', err, env))
+          compiled.pop(name, None)
+          continue
         progress(f'  E={e} group={group_size} {name}: compiled in '
                  f'{time.perf_counter() - start:.1f} s')
+      seconds = {name: [] for name in compiled}
       for _ in range(repeats):
-        for name, (_, state) in cases.items():
-          seconds[name].append(time_once(compiled[name], state, x, ct))
+        for name, step in compiled.items():
+          seconds[name].append(time_once(step, cases[name][1], x, ct))
       dense_s = statistics.median(seconds['dense'])
-      for name, (_, state) in cases.items():
+      for name in compiled:
         ms = statistics.median(seconds[name]) * 1e3
         cf = (1.0 if name in ('dense', BALANCED) or name.startswith('dropless')
               else args.capacity_factor)
@@ -348,6 +357,14 @@ def step_record(case: str, args, env: dict) -> dict:
       'device_peak_bytes': device_peak_bytes(), 'ratio_to_floor': None, **env}
 
 
+def failure_record(suite: str, case: str, error: Exception, env: dict) -> dict:
+  """The record of a case that failed, with the first line of its error."""
+  lines = str(error).strip().splitlines() or ['']
+  message = f'{type(error).__name__}: {lines[0]}'
+  progress(f'  {case}: failed, {message}')
+  return {'suite': suite, 'case': case, 'error': message, **env}
+
+
 def run_step_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list[dict]:
   """Every case in turn. A case that fails at run time (out of memory on a device, say) is
   recorded with its error and the next one runs; ``save`` gets the records after each."""
@@ -358,10 +375,7 @@ def run_step_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list[
     try:
       records.append(step_record(case, args, env))
     except Exception as e:  # noqa: BLE001 -- any failure of one case; the record says which
-      lines = str(e).strip().splitlines() or ['']
-      error = f'{type(e).__name__}: {lines[0]}'
-      progress(f'  {case}: failed, {error}')
-      records.append({'suite': 'step', 'case': case, 'error': error, **env})
+      records.append(failure_record('step', case, e, env))
     dense = next((r for r, d in zip(records, is_dense) if d and 'error' not in r), None)
     for r in records:
       if 'error' not in r:

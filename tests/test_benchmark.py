@@ -107,6 +107,36 @@ def test_collective_bytes_reads_the_partitioned_program():
                                                   'all-to-all': 128}
 
 
+def test_a_failing_layer_case_is_recorded_and_the_others_run(tmp_path, monkeypatch, capsys):
+  """As in the step suite: a layer case that fails (out of memory on a GPU, say) gets a
+  record with its error, the other cases are timed, and the script exits 1."""
+  benchmark = load_benchmark()
+  real_layer_fn = benchmark.layer_fn
+
+  class OutOfMemory:
+    def lower(self, *args):
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB\n(details)')
+
+  def layer_fn(module, kind):
+    fn, states = real_layer_fn(module, kind)
+    if kind == 'moe' and module.cfg.dispatch == 'gather':
+      return OutOfMemory(), states
+    return fn, states
+
+  monkeypatch.setattr(benchmark, 'layer_fn', layer_fn)
+  out = tmp_path / 'records.jsonl'
+  with pytest.raises(SystemExit) as exit_:
+    benchmark.main(['--suite=layer', '--tokens=64', '--d_model=8', '--d_ff=16', '--experts=2',
+                    '--group_sizes=32', '--repeats=1', '--dispatch=gather,dropless',
+                    f'--json={out}'])
+  assert exit_.value.code == 1
+  records = {r['case']: r for r in map(json.loads, out.read_text().splitlines())}
+  assert records['gather/E2/G32']['error'] == ('RuntimeError: RESOURCE_EXHAUSTED: Out of '
+                                               'memory allocating 9 GiB')
+  assert records['dropless/E2/G32']['ms'] > 0 and records['dense/E2/G32']['ms'] > 0
+  assert 'gather/E2/G32: failed, RuntimeError' in capsys.readouterr().out
+
+
 def test_layer_cases_do_all_of_their_forward_pass():
   """Each layer case computes y and its gradients: the dense FFN and the balanced experts run
   all six matmuls of a forward and a backward pass (XLA would drop the forward's last one if
