@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.dispatch = 'auto'          # 'einsum' | 'gather' | 'dropless' (no capacity); auto: einsum on
                                # TPU or an expert mesh axis, else gather (dispatch.resolve)
   e.dropless_impl = 'auto'     # dropless rows: 'ragged_dot' | 'bucketed' (padded buffers); auto:
-                               # bucketed on CPU, ragged_dot elsewhere (docs/performance.md)
+                               # ragged_dot on TPU, else bucketed (dispatch.uses_buckets)
   e.bias_update_rate = 0.0     # aux-loss-free balancing: bias step per train step (DeepSeek 0.001)
   e.num_shared_experts = 0     # always-on experts per Switch layer (DeepSeekMoE); 0 = none
 

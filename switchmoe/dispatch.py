@@ -20,8 +20,8 @@ Every move of rows is `take_rows`, a gather whose gradient is a gather too: each
 knows where every row went, so the backward pass never scatter-adds. Rows sorted by expert
 run either as `jax.lax.ragged_dot` grouped matmuls or, through `run_bucketed`, as one padded
 expert buffer plus overflow tiles for busier experts; ``model.moe.dropless_impl`` picks
-(``auto``: `run_bucketed` on CPU, whose ragged_dot does every expert's work on every row,
-ragged_dot elsewhere).
+(``auto``: ragged_dot on TPU only; XLA's CPU and GPU backends lower it to every expert's work
+on every row, see `uses_buckets`).
 
 Shape suffixes: G groups, S tokens per group, D d_model, E experts, C capacity, K choices
 per token, N = G*S*K (token, choice) pairs.
@@ -330,9 +330,16 @@ DROPLESS_IMPLS = ('auto', 'ragged_dot', 'bucketed')
 
 def uses_buckets(dropless_impl: str) -> bool:
   """Whether config ``model.moe.dropless_impl`` runs rows sorted by expert through
-  `run_bucketed` rather than ragged_dot: ``auto`` means on CPU only."""
+  `run_bucketed` rather than ragged_dot: ``auto`` means everywhere but on TPU.
+
+  XLA:CPU lowers ragged_dot to every expert's matmul over every row (E times the work,
+  measured in docs/performance.md). Upstream XLA:GPU rewrites it to a dense dot of the same
+  kind unless an experimental flag routes some of its matmuls to cuDNN (public reports
+  cited in docs/performance.md; not measured here, no GPU so far). The device check times
+  both implementations on a GPU.
+  """
   return dropless_impl == 'bucketed' or (dropless_impl == 'auto'
-                                         and jax.default_backend() == 'cpu')
+                                         and jax.default_backend() != 'tpu')
 
 
 def resolve(dispatch: str, expert_axis_size: int = 1) -> str:

@@ -486,6 +486,13 @@ def test_auto_dispatch_follows_backend_and_expert_axis():
     assert dispatch_lib.resolve(name, expert_axis_size=4) == name
 
 
+@pytest.mark.parametrize('backend, bucketed', [('cpu', True), ('gpu', True), ('tpu', False)])
+def test_auto_dropless_impl_is_ragged_dot_on_tpu_only(monkeypatch, backend, bucketed):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert dispatch_lib.uses_buckets('auto') == bucketed
+  assert dispatch_lib.uses_buckets('bucketed') and not dispatch_lib.uses_buckets('ragged_dot')
+
+
 def test_buffer_sizes():
   assert dispatch_lib.buffer_sizes(4096, 32) == (128, 32, 4)
   assert dispatch_lib.buffer_sizes(48, 4) == (16, 8, 1)
