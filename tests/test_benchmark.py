@@ -182,3 +182,41 @@ def test_device_check_script_runs_its_parts_and_rejects_unknown_ones(tmp_path):
   bad = subprocess.run(['bash', 'scripts/device_check.sh', 'bogus'], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "unknown part 'bogus'" in bad.stderr
+
+
+def test_plot_benchmark_draws_the_committed_layer_records(tmp_path):
+  records = [os.path.join(REPO, 'docs', 'performance', name)
+             for name in ('layer_08b4de0.jsonl', 'layer_08b4de0_E64_256.jsonl')]
+  out = tmp_path / 'layer.png'
+  done = subprocess.run([sys.executable, 'scripts/plot_benchmark.py', *records, f'--out={out}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert out.stat().st_size > 10_000 and f'{out}: ' in done.stdout
+  # Not a record file, and records of two different layers: one line each, naming the file.
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('not json\n')
+  mixed = tmp_path / 'mixed.jsonl'
+  mixed.write_text(''.join(
+      json.dumps({'suite': 'layer', 'dispatch': 'gather', 'num_experts': 8, 'tokens': t,
+                  'd_model': 8, 'd_ff': 16, 'dtype': 'float32', 'device_kind': 'cpu',
+                  'ratio_to_dense': 1.0, 'ratio_to_floor': 1.0}) + '\n' for t in (64, 128)))
+  for path, message in ((bad, 'not a benchmark.py --json file'),
+                        (mixed, 'records of different layers or devices')):
+    done = subprocess.run([sys.executable, 'scripts/plot_benchmark.py', str(path),
+                           f'--out={out}'], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().count('\n') == 0
+    assert done.stderr.startswith(f'{path}: ') and message in done.stderr
+
+
+def test_plot_benchmark_pools_runs_into_median_and_range():
+  spec = importlib.util.spec_from_file_location(
+      'plot_benchmark', os.path.join(REPO, 'scripts', 'plot_benchmark.py'))
+  plot = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot)
+  record = lambda dispatch, e, ratio: {'dispatch': dispatch, 'num_experts': e,
+                                       'ratio_to_dense': ratio}
+  records = [record('gather', 8, 1.3), record('gather', 8, 1.1), record('gather', 8, 1.2),
+             record('gather', 32, 1.5), record('dense', 0, 1.0), record('router', 8, 0.03)]
+  assert plot.series(records, 'ratio_to_dense') == {
+      'gather': [(8, 1.2, 1.1, 1.3), (32, 1.5, 1.5, 1.5)]}

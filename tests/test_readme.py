@@ -101,7 +101,7 @@ def appended(command: str, later: list[str]) -> list[str]:
     return ['--max_chars=1000000'] + ([] if '--vocab_size=' in command else ['--vocab_size=1000'])
   if 'benchmark_data.py' in command:
     return ['--batches=3', '--workers=0']
-  if 'benchmark.py' in command:  # toy sizes; tests/test_benchmark.py checks the records
+  if 'scripts/benchmark.py' in command:  # toy sizes; tests/test_benchmark.py checks the records
     return ['--tokens=256', '--d_model=16', '--d_ff=32', '--repeats=1', '--steps=1',
             '--batch_size=8', '--set=model.num_layers=1,model.d_model=16,model.d_ff=32']
   return []
