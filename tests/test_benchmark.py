@@ -79,9 +79,9 @@ def test_bad_arguments_fail_in_one_line():
           'dropless:auto') in done.stderr
 
 
-def load_benchmark():
-  spec = importlib.util.spec_from_file_location('benchmark', os.path.join(REPO, 'scripts',
-                                                                          'benchmark.py'))
+def load_script(name: str = 'benchmark'):
+  """scripts/NAME.py as a module."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'scripts', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -91,7 +91,7 @@ def test_collective_bytes_reads_the_partitioned_program():
   """Per-device result bytes by kind, from a program with known collectives on 8 devices."""
   import jax
   import jax.numpy as jnp
-  benchmark = load_benchmark()
+  benchmark = load_script()
   mesh = jax.make_mesh((8,), ('x',), axis_types=(jax.sharding.AxisType.Auto,))
 
   def f(a_8x4, b_8x2):  # per device: a [1, 4] float32, b [1, 2] int32
@@ -110,7 +110,7 @@ def test_collective_bytes_reads_the_partitioned_program():
 def test_a_failing_layer_case_is_recorded_and_the_others_run(tmp_path, monkeypatch, capsys):
   """As in the step suite: a layer case that fails (out of memory on a GPU, say) gets a
   record with its error, the other cases are timed, and the script exits 1."""
-  benchmark = load_benchmark()
+  benchmark = load_script()
   real_layer_fn = benchmark.layer_fn
 
   class OutOfMemory:
@@ -145,7 +145,7 @@ def test_layer_cases_do_all_of_their_forward_pass():
   import jax.numpy as jnp
   from flax import nnx
   from switchmoe.layers import Experts, FeedForward
-  benchmark = load_benchmark()
+  benchmark = load_script()
   n, d, f, e = 64, 16, 32, 4
   x = jax.random.normal(jax.random.key(0), (1, n, d))
   ct = jax.random.normal(jax.random.key(1), (1, n, d))
@@ -163,7 +163,7 @@ def test_layer_cases_do_all_of_their_forward_pass():
 
 
 def test_override_lists_keep_bracketed_commas():
-  benchmark = load_benchmark()
+  benchmark = load_script()
   assert benchmark.str_list("mesh.shape=(2,4),mesh.axes=('data','expert'),,a=1") == [
       'mesh.shape=(2,4)', "mesh.axes=('data','expert')", 'a=1']
 
@@ -210,10 +210,7 @@ def test_plot_benchmark_draws_the_committed_layer_records(tmp_path):
 
 
 def test_plot_benchmark_pools_runs_into_median_and_range():
-  spec = importlib.util.spec_from_file_location(
-      'plot_benchmark', os.path.join(REPO, 'scripts', 'plot_benchmark.py'))
-  plot = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(plot)
+  plot = load_script('plot_benchmark')
   record = lambda dispatch, e, ratio: {'dispatch': dispatch, 'num_experts': e,
                                        'ratio_to_dense': ratio}
   records = [record('gather', 8, 1.3), record('gather', 8, 1.1), record('gather', 8, 1.2),
