@@ -15,6 +15,7 @@ inference and fine-tuning; `load_params` reads params from either kind of folder
 
 from __future__ import annotations
 
+import asyncio.base_events
 import contextlib
 import json
 import logging
@@ -60,9 +61,22 @@ def _free_name(path: str) -> str:
   return candidate
 
 
-# Pieces of those tracebacks; several threads print at once, so lines arrive cut and mixed.
+# Pieces of those tracebacks. Several threads print at once and each writes a traceback in
+# pieces (the exception's name, ': ', its message), so a line may hold pieces of several
+# tracebacks, or be cut short: CI once passed on a lone 'RuntimeError' line.
 _CLOSED_LOOP_NOISE = ('Traceback (most recent call last)', 'base_events.py', '_check_closed',
                       'Event loop is closed')
+_CLOSED_LOOP_LINES = (f'File "{asyncio.base_events.__file__}", line', 'in call_soon_threadsafe',
+                      'self._check_closed()', "raise RuntimeError('Event loop is closed')",
+                      'RuntimeError: Event loop is closed')
+
+
+def _closed_loop_noise(line: str) -> bool:
+  """Whether ``line`` is empty, holds a piece of a closed-loop traceback, or is a cut piece
+  of one of its lines."""
+  text = line.strip()
+  return (not text or any(piece in line for piece in _CLOSED_LOOP_NOISE)
+          or any(text in full for full in _CLOSED_LOOP_LINES))
 
 
 def _unretrieved_task_noise(record: logging.LogRecord) -> bool:
@@ -90,8 +104,7 @@ def _without_closed_loop_noise():
       os.close(saved)
       capture.seek(0)
       lines = capture.read().decode('utf-8', 'replace').splitlines(keepends=True)
-      sys.stderr.write(''.join(line for line in lines if line.strip() and
-                               not any(noise in line for noise in _CLOSED_LOOP_NOISE)))
+      sys.stderr.write(''.join(line for line in lines if not _closed_loop_noise(line)))
       sys.stderr.flush()
 
 

@@ -2,10 +2,13 @@
 newest plus every keep_period-th, init_from loads all or part of another run's params,
 export.py and evaluate.py read any checkpoint."""
 
+import asyncio
 import json
 import os
+import random
 import signal
 import sys
+import traceback
 
 import jax
 import numpy as np
@@ -177,3 +180,35 @@ def test_init_from_a_run_without_expert_biases_starts_them_at_zero(data_dir, sou
   assert biases and all(not loaded[name].any() for name in biases)
   for name, value in reference.items():
     np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
+def closed_loop_traceback() -> str:
+  """The traceback tensorstore's late callbacks print after a failed restore, made here."""
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:  # from asyncio's frames on: the callers are tensorstore's C++
+    return ''.join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+  raise AssertionError('a closed loop accepted a callback')
+
+
+def test_a_failed_restores_tracebacks_are_dropped_even_cut_and_mixed(capfd):
+  noise = closed_loop_traceback()
+  # How threads printing at once leave them on descriptor 2: whole, and in pieces (the name,
+  # ': ' and the message written apart), one thread's pieces between another's.
+  pieces = [piece for line in noise.splitlines(keepends=True)
+            for piece in line.partition(': ') if piece]
+  rng = random.Random(0)
+  mixed = []
+  for _ in range(20):
+    cut = rng.randrange(len(pieces))
+    mixed += pieces[cut:] + ['\n'] + pieces[:cut]
+  capfd.readouterr()
+  with checkpoint_lib._without_closed_loop_noise():
+    os.write(2, noise.encode())
+    os.write(2, b'RuntimeError\n')  # what once reached CI's stderr
+    os.write(2, b'a warning that is not noise\n')
+    for piece in mixed:
+      os.write(2, piece.encode())
+  assert capfd.readouterr().err == 'a warning that is not noise\n'
