@@ -63,7 +63,7 @@ def _free_name(path: str) -> str:
 
 # Pieces of those tracebacks. Several threads print at once and each writes a traceback in
 # pieces (the exception's name, ': ', its message), so a line may hold pieces of several
-# tracebacks, or be cut short: CI once passed on a lone 'RuntimeError' line.
+# tracebacks, or be cut short (a lone 'RuntimeError' line once got through and failed CI).
 _CLOSED_LOOP_NOISE = ('Traceback (most recent call last)', 'base_events.py', '_check_closed',
                       'Event loop is closed')
 _CLOSED_LOOP_LINES = (f'File "{asyncio.base_events.__file__}", line', 'in call_soon_threadsafe',
