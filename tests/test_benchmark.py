@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -170,7 +171,8 @@ def test_override_lists_keep_bracketed_commas():
 
 def test_device_check_script_runs_its_parts_and_rejects_unknown_ones(tmp_path):
   """scripts/device_check.sh (for a lent GPU) at SMALL sizes on the CPU: a part writes its
-  records and a summary line; an unknown part exits 2 naming it."""
+  records, its log into logs.tar.gz and a summary line; a part with too little of DEADLINE left
+  is skipped, not started; an unknown part exits 2 naming it."""
   env = {**os.environ, 'OUT': str(tmp_path), 'SMALL': '1', 'TEST_PLATFORM': 'cpu',
          'PY': sys.executable}
   done = subprocess.run(['bash', 'scripts/device_check.sh', 'layer'], cwd=REPO, env=env,
@@ -179,6 +181,16 @@ def test_device_check_script_runs_its_parts_and_rejects_unknown_ones(tmp_path):
   assert re.fullmatch(r'layer +rc=0 .*\n', (tmp_path / 'summary.txt').read_text())
   records = [json.loads(line) for line in (tmp_path / 'layer.jsonl').read_text().splitlines()]
   assert {r['dispatch'] for r in records} >= {'dense', 'gather', 'dropless'}
+  with tarfile.open(tmp_path / 'logs.tar.gz') as logs:
+    log = logs.extractfile('./layer.log').read().decode()
+  assert 'layer suite on' in log and 'layer suite on' in done.stdout
+  # At most the 8 files a device call brings back, none in a sub-folder.
+  assert len(list(tmp_path.iterdir())) <= 8 and all(p.is_file() for p in tmp_path.iterdir())
+  late = subprocess.run(['bash', 'scripts/device_check.sh', 'layer'], cwd=REPO,
+                        env={**env, 'DEADLINE': '5'}, capture_output=True, text=True,
+                        timeout=120)
+  assert late.returncode == 0 and re.fullmatch(
+      r'layer +skipped: -?\d+s left of DEADLINE=5\n', (tmp_path / 'summary.txt').read_text())
   bad = subprocess.run(['bash', 'scripts/device_check.sh', 'bogus'], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "unknown part 'bogus'" in bad.stderr
