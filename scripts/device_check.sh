@@ -61,7 +61,8 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}
   > "$OUT/env.txt" 2>&1
 
 if [ "${SMALL:-0}" = 1 ]; then
-  LAYER=(--tokens=512 --d_model=32 --d_ff=64 --experts=8 --repeats=2 --dtype=float32)
+  LAYER=(--tokens=512 --d_model=32 --d_ff=64 --experts=8 --repeats=2 --dtype=bfloat16
+         --dispatch=einsum,gather,dropless,dropless:ragged_dot)
   STEP=(--cases t5_tiny switch_tiny --steps=2)
   TRAIN=(--config=configs/switch_tiny.py --config.train.num_steps=4)
   TESTS=(tests/test_dispatch.py -k bucketed)

@@ -180,7 +180,10 @@ def test_device_check_script_runs_its_parts_and_rejects_unknown_ones(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert re.fullmatch(r'layer +rc=0 .*\n', (tmp_path / 'summary.txt').read_text())
   records = [json.loads(line) for line in (tmp_path / 'layer.jsonl').read_text().splitlines()]
-  assert {r['dispatch'] for r in records} >= {'dense', 'gather', 'dropless'}
+  # The GPU call's own dtype and dispatches, ragged_dot too.
+  assert {r['dispatch'] for r in records} >= {'dense', 'gather', 'dropless',
+                                              'dropless:ragged_dot'}
+  assert {r['dtype'] for r in records} == {'bfloat16'}
   with tarfile.open(tmp_path / 'logs.tar.gz') as logs:
     log = logs.extractfile('./layer.log').read().decode()
   assert 'layer suite on' in log and 'layer suite on' in done.stdout
