@@ -90,7 +90,7 @@ for name in "${PARTS[@]}"; do
             --json="$OUT/step.jsonl" ;;
     layer) part layer 120 $PY scripts/benchmark.py --suite=layer "${LAYER[@]}" \
              --json="$OUT/layer.jsonl" ;;
-    # tests/conftest.py defaults JAX to the CPU; tests that need 8 simulated devices fail here.
+    # tests/conftest.py defaults JAX to the CPU; tests that need 8 simulated devices skip here.
     # One process (no xdist workers): they would share one GPU. -v names each test as it ends,
     # so a part cut short by its limit still says how far it got. Full-precision float32
     # matmuls: the tests' tolerances against float64 references are for float32, and a GPU's
