@@ -2,7 +2,7 @@
 
   python scripts/benchmark.py --suite=layer [--tokens=4096] [--d_model=256] [--d_ff=1024]
       [--experts=8,32] [--dispatch=einsum,gather,dropless,dropless:ragged_dot] [--group_sizes=1024]
-      [--capacity_factor=1.25] [--dtype=float32] [--repeats=15] [--json=FILE]
+      [--capacity_factor=1.25] [--dtype=float32] [--repeats=15] [--hf] [--json=FILE]
   python scripts/benchmark.py --suite=step [--cases t5_tiny switch_tiny ...] [--steps=10]
       [--batch_size=0] [--set=a.b=v,...] [--json=FILE]
 
@@ -18,7 +18,10 @@ expert's share of the tokens over the mean share (1 = balanced), which sets drop
 Each E also times ``experts_balanced``: the experts alone on a perfectly balanced buffer of the
 same tokens, the least any dispatch running per-expert matmuls can cost on this device; and
 ``router``: the layer's routing alone (router matmul, softmax, slot assignment, aux losses and
-diagnostics, forward + backward), its share of every dispatch's time (no floor).
+diagnostics, forward + backward), its share of every dispatch's time (no floor). ``--hf``
+adds HF transformers' Switch layer (``hf_sparse_mlp``: SwitchTransformersSparseMLP, in
+PyTorch, with this layer's capacity per group) and its dense FFN (``hf_dense``) to the same
+rounds; ``x own dense`` is each layer over its own framework's dense FFN.
 
 ``step``: full training steps (`switchmoe.train.train_step`, the optimizer included) of
 config files on synthetic batches of the configured shapes: step time (median), tokens/s,
@@ -154,6 +157,7 @@ def memory_bandwidth(repeats: int) -> float:
 # CPU, that alone costs well above the dense FFN).
 BALANCED = 'experts_balanced'
 ROUTER = 'router'
+HF_DENSE, HF_SPARSE = 'hf_dense', 'hf_sparse_mlp'
 
 
 def moe_config(num_experts: int, dispatch: str, group_size: int, capacity_factor: float
@@ -227,6 +231,50 @@ def busiest_expert(layer: MoeLayer, x_BxLxD: jax.Array) -> float:
   return float(jnp.max(fraction_E) * fraction_E.shape[0])
 
 
+def hf_cases(layer: MoeLayer, x_1xNxD: jax.Array, group_size: int, args) -> dict:
+  """HF transformers' Switch layer and its dense FFN, forward + backward in PyTorch, as
+  callables of the suite's (state, x, cotangent) signature (they ignore those). HF routes
+  each sequence as one group with an absolute capacity, so its tokens are x's as
+  [N / group, group, D], its capacity is ``layer``'s, and its router weights are ``layer``'s:
+  the same tokens go to the same experts and the same ones are dropped, so both layers have
+  the same real work (HF's runs a loop over the experts on their kept tokens only; with
+  weights of its own, an untrained router drops far more and looks cheaper). On a GPU when
+  both frameworks see one, else on the CPU."""
+  import torch
+  from transformers.models.switch_transformers import modeling_switch_transformers as hf
+  device = 'cuda' if jax.devices()[0].platform == 'gpu' and torch.cuda.is_available() else 'cpu'
+  dtype = getattr(torch, args.dtype)
+  g, s = routing_groups(1, args.tokens, group_size)
+  kernel_DxE = np.array(layer.router.kernel.get_value(), np.float32)
+  config = hf.SwitchTransformersConfig(
+      d_model=args.d_model, d_ff=args.d_ff, num_experts=kernel_DxE.shape[1],
+      expert_capacity=layer.capacity(s, False), dense_act_fn='relu', dropout_rate=0.0,
+      router_jitter_noise=0.0, router_dtype='float32')
+  torch.manual_seed(0)
+  x = torch.from_numpy(np.array(x_1xNxD, np.float32).reshape(g, s, -1)).to(device)
+  x = x.to(dtype).requires_grad_()
+  ct = torch.randn(g, s, args.d_model, device=device)
+
+  def case(module):
+    module = module.to(device=device, dtype=dtype)
+
+    def run(*_):
+      x.grad = None
+      module.zero_grad(set_to_none=True)
+      y = module(x)
+      y = y[0] if isinstance(y, tuple) else y  # transformers 4 also returned router outputs
+      (y.float() * ct).sum().backward()
+      if device == 'cuda':
+        torch.cuda.synchronize()
+    run.module = module
+    return run
+  sparse = hf.SwitchTransformersSparseMLP(config)
+  with torch.no_grad():
+    sparse.router.classifier.weight.copy_(torch.from_numpy(kernel_DxE.T))
+  return {HF_DENSE: (case(hf.SwitchTransformersDenseActDense(config)), None),
+          HF_SPARSE: (case(sparse), None)}
+
+
 def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list[dict]:
   """Every E x group size; ``save`` gets the records after each."""
   dtype = jnp.dtype(args.dtype)
@@ -256,11 +304,17 @@ def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list
         cfg = moe_config(e, dispatch, group_size, args.capacity_factor)
         cases[dispatch] = layer_fn(MoeLayer(d, f, cfg, activation='relu', init_scale=0.1,
                                             dtype=dtype, rngs=nnx.Rngs(params=e)), 'moe')
+      if args.hf:
+        try:
+          cases.update(hf_cases(router, x, group_size, args))
+        except Exception as err:  # noqa: BLE001 -- another transformers' API, say
+          records.append(failure_record('layer', f'{HF_SPARSE}/E{e}/G{group_size}', err, env))
       compiled = {}
       for name, (fn, state) in cases.items():
         start = time.perf_counter()
         try:
-          compiled[name] = fn.lower(state, x, ct).compile()
+          compiled[name] = (fn if name in (HF_DENSE, HF_SPARSE) else
+                            fn.lower(state, x, ct).compile())
           block(compiled[name](state, x, ct))
         except Exception as err:  # noqa: BLE001 -- one case (out of memory, say); not dense
           if name == 'dense':
@@ -275,23 +329,30 @@ def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list
         for name, step in compiled.items():
           seconds[name].append(time_once(step, cases[name][1], x, ct))
       dense_s = statistics.median(seconds['dense'])
+      own_dense_s = {name: statistics.median(seconds[HF_DENSE if name.startswith('hf_') else
+                                                     'dense']) for name in compiled}
       for name in compiled:
         ms = statistics.median(seconds[name]) * 1e3
-        cf = (1.0 if name in ('dense', BALANCED) or name.startswith('dropless')
-              else args.capacity_factor)
-        weight_bytes = 3 * 2 * d * f * dtype.itemsize * (1 if name == 'dense' else e)
+        # HF's layer runs its experts on the kept tokens alone: no capacity padding.
+        cf = (1.0 if name in ('dense', BALANCED, HF_DENSE, HF_SPARSE)
+              or name.startswith('dropless') else args.capacity_factor)
+        weight_bytes = 3 * 2 * d * f * dtype.itemsize * (1 if name in ('dense', HF_DENSE) else e)
         floor_s = (None if name == ROUTER else
                    max(cf * dense_flops / rate, weight_bytes / bandwidth))
         records.append({
             'suite': 'layer', 'case': f'{name}/E{e}/G{group_size}', 'dispatch': name,
             'num_experts': 0 if name == 'dense' else e, 'group_size': group_size,
             'tokens': n, 'd_model': d, 'd_ff': f, 'dtype': args.dtype,
-            'capacity_factor': cf, 'max_load': max_load if name in args.dispatch else None,
+            'capacity_factor': cf,
+            'max_load': max_load if name in (*args.dispatch, HF_SPARSE) else None,
             'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
             'ratio_to_dense': ms / (dense_s * 1e3),
+            'ratio_to_own_dense': ms / (own_dense_s[name] * 1e3),
+            'framework': 'torch' if name.startswith('hf_') else 'jax',
             'ratio_to_floor': floor_s and ms / (floor_s * 1e3),
             'floor_ms': floor_s and floor_s * 1e3,
-            'peak_bytes': train.compiled_peak_bytes(compiled[name]),
+            'peak_bytes': (None if name.startswith('hf_') else
+                           train.compiled_peak_bytes(compiled[name])),
             'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})
       save(records)
   return records
@@ -399,12 +460,14 @@ def print_table(records: list[dict]) -> None:
   if not records:
     return
   if records[0]['suite'] == 'layer':
+    own = any(r.get('framework') == 'torch' for r in records)  # --hf: two frameworks' denses
     header = (f'{"case":<30} {"ms":>9} {"x dense":>8} {"x floor":>8} {"peak MiB":>9} '
-              f'{"max load":>8}')
+              f'{"max load":>8}' + (f' {"x own dense":>11}' if own else ''))
     rows = [f'{r["case"]:<30} {r["ms"]:>9.2f} {r["ratio_to_dense"]:>8.2f} '
             f'{fmt(r["ratio_to_floor"], ".2f"):>8} '
             f'{fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9} '
-            f'{fmt(r["max_load"], ".2f"):>8}' for r in records]
+            f'{fmt(r["max_load"], ".2f"):>8}'
+            + (f' {r["ratio_to_own_dense"]:>11.2f}' if own else '') for r in records]
   else:
     header = (f'{"case":<40} {"ms/step":>9} {"tokens/s":>10} {"x dense":>8} {"MFU":>6} '
               f'{"compile s":>9} {"peak MiB":>9} {"comm MiB":>9}')
@@ -450,6 +513,8 @@ def parse_args(argv):
   p.add_argument('--capacity_factor', type=float, default=1.25)
   p.add_argument('--dtype', default='float32')
   p.add_argument('--repeats', type=int, default=15)
+  p.add_argument('--hf', action='store_true',
+                 help='layer suite: also time HF transformers\' Switch layer (PyTorch)')
   p.add_argument('--cases', nargs='+', default=['t5_tiny', 'switch_tiny'],
                  help='config names, each optionally with overrides: name:a.b=v,c.d=w')
   p.add_argument('--steps', type=int, default=10)
@@ -462,6 +527,12 @@ def parse_args(argv):
   bad = [d for d in args.dispatch if d not in allowed]
   if bad:
     p.error(f'--dispatch={",".join(bad)}: not an option; allowed: {", ".join(allowed)}')
+  if args.hf:
+    try:
+      import torch  # noqa: F401
+      from transformers.models.switch_transformers import modeling_switch_transformers  # noqa
+    except ImportError as e:
+      p.error(f'--hf: needs torch and transformers ({e})')
   if args.repeats < 1 or args.steps < 1:
     p.error('--repeats and --steps must be >= 1')
   for case in args.cases:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,47 @@ def test_layer_suite(tmp_path):
                                     else 1.0)
   for case in cases:
     assert case in table
+
+
+def test_hf_comparison_without_torch_is_one_line_naming_the_flag(tmp_path):
+  if importlib.util.find_spec('torch') and importlib.util.find_spec('transformers'):
+    pytest.skip('torch and transformers are installed: the comparison itself is tested')
+  done = subprocess.run([sys.executable, 'scripts/benchmark.py', '--hf'], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert 'error: --hf: needs torch and transformers' in done.stderr.strip().splitlines()[-1]
+
+
+def test_hf_switch_layer_routes_like_ours_and_is_timed_beside_it(tmp_path):
+  """HF's layer gets this layer's router weights, capacity and tokens, so it keeps and drops
+  exactly the tokens ours does (the same real work), and its rows carry both ratios."""
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  benchmark = load_script()
+  args = benchmark.parse_args(['--hf', '--tokens=256', '--d_model=16', '--d_ff=32'])
+  e, g, s = 8, 4, 64
+  layer = benchmark.MoeLayer(16, 32, benchmark.moe_config(e, 'gather', s, 1.25),
+                             activation='relu', init_scale=0.1, dtype=benchmark.jnp.float32,
+                             rngs=benchmark.nnx.Rngs(params=3))
+  x = benchmark.jax.random.normal(benchmark.jax.random.key(1), (1, g * s, 16))
+  r, _ = benchmark.nnx.jit(benchmark.route)(layer, x)
+  router = benchmark.hf_cases(layer, x, s, args)[benchmark.HF_SPARSE][0].module.router
+  with torch.no_grad():
+    mask = router.eval()(torch.from_numpy(np.array(x).reshape(g, s, 16)))[0]
+  mask = mask.numpy().astype(bool)
+  kept = np.asarray(r.kept_GxSxK)[..., 0]
+  assert 0 < kept.mean() < 1  # some tokens dropped: the check below is not vacuous
+  np.testing.assert_array_equal(mask.any(-1), kept)
+  expert = np.asarray(r.expert_index_GxSxK)[..., 0]
+  np.testing.assert_array_equal(mask.argmax(-1)[kept], expert[kept])
+  records, table = run(['--suite=layer', '--tokens=256', '--d_model=16', '--d_ff=32',
+                        '--experts=8', '--group_sizes=64', '--repeats=2', '--dispatch=gather',
+                        '--hf'], tmp_path)
+  by = {r['dispatch']: r for r in records}
+  assert by['hf_dense']['ratio_to_own_dense'] == 1.0 and by['hf_dense']['framework'] == 'torch'
+  assert by['hf_sparse_mlp']['max_load'] == by['gather']['max_load']
+  assert by['gather']['ratio_to_own_dense'] == by['gather']['ratio_to_dense']
+  assert 'x own dense' in table
 
 
 @pytest.mark.slow  # test_readme runs the README's step-suite command in the default suite
