@@ -158,6 +158,7 @@ def memory_bandwidth(repeats: int) -> float:
 BALANCED = 'experts_balanced'
 ROUTER = 'router'
 HF_DENSE, HF_SPARSE = 'hf_dense', 'hf_sparse_mlp'
+HF_CASES = (HF_DENSE, HF_SPARSE)  # PyTorch callables: nothing to compile, no XLA peak
 
 
 def moe_config(num_experts: int, dispatch: str, group_size: int, capacity_factor: float
@@ -313,8 +314,7 @@ def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list
       for name, (fn, state) in cases.items():
         start = time.perf_counter()
         try:
-          compiled[name] = (fn if name in (HF_DENSE, HF_SPARSE) else
-                            fn.lower(state, x, ct).compile())
+          compiled[name] = fn if name in HF_CASES else fn.lower(state, x, ct).compile()
           block(compiled[name](state, x, ct))
         except Exception as err:  # noqa: BLE001 -- one case (out of memory, say); not dense
           if name == 'dense':
@@ -329,13 +329,13 @@ def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list
         for name, step in compiled.items():
           seconds[name].append(time_once(step, cases[name][1], x, ct))
       dense_s = statistics.median(seconds['dense'])
-      own_dense_s = {name: statistics.median(seconds[HF_DENSE if name.startswith('hf_') else
-                                                     'dense']) for name in compiled}
+      own_dense_s = {name: statistics.median(seconds[HF_DENSE if name in HF_CASES else 'dense'])
+                     for name in compiled}
       for name in compiled:
         ms = statistics.median(seconds[name]) * 1e3
         # HF's layer runs its experts on the kept tokens alone: no capacity padding.
-        cf = (1.0 if name in ('dense', BALANCED, HF_DENSE, HF_SPARSE)
-              or name.startswith('dropless') else args.capacity_factor)
+        cf = (1.0 if name in ('dense', BALANCED, *HF_CASES) or name.startswith('dropless')
+              else args.capacity_factor)
         weight_bytes = 3 * 2 * d * f * dtype.itemsize * (1 if name in ('dense', HF_DENSE) else e)
         floor_s = (None if name == ROUTER else
                    max(cf * dense_flops / rate, weight_bytes / bandwidth))
@@ -348,10 +348,10 @@ def run_layer_suite(args, env: dict, save: Callable[[list[dict]], None]) -> list
             'ms': ms, 'ms_min': min(seconds[name]) * 1e3,
             'ratio_to_dense': ms / (dense_s * 1e3),
             'ratio_to_own_dense': ms / (own_dense_s[name] * 1e3),
-            'framework': 'torch' if name.startswith('hf_') else 'jax',
+            'framework': 'torch' if name in HF_CASES else 'jax',
             'ratio_to_floor': floor_s and ms / (floor_s * 1e3),
             'floor_ms': floor_s and floor_s * 1e3,
-            'peak_bytes': (None if name.startswith('hf_') else
+            'peak_bytes': (None if name in HF_CASES else
                            train.compiled_peak_bytes(compiled[name])),
             'matmul_flops_per_s': rate, 'bandwidth_bytes_per_s': bandwidth, **env})
       save(records)
