@@ -26,7 +26,10 @@ rounds; ``x own dense`` is each layer over its own framework's dense FFN.
 ``step``: full training steps (`switchmoe.train.train_step`, the optimizer included) of
 config files on synthetic batches of the configured shapes: step time (median), tokens/s,
 MFU where the device's peak is known, compile time, peak memory, and the bytes each device
-receives through collectives per step (``comm MiB``, by kind in ``collective_bytes``). A case
+receives through collectives per step (``comm MiB``, by kind in ``collective_bytes``), and
+``update ms``: the step's second half alone (`switchmoe.train.apply_gradients`: clipping, the
+optimizer's update, the non-finite guard), whose cost grows with the parameters, not the
+tokens, so that it weighs most in a many-expert model at a small batch. A case
 is a config name in configs/, optionally with overrides after a colon, comma-separated:
 ``switch_base:model.moe.num_experts=64,model.remat=full``; cases are separated by spaces.
 The first case whose ``model.moe.every`` is 0 is the dense reference of ``x dense``. Meshes
@@ -43,6 +46,7 @@ with its ``error`` and the others still run; the script then exits 1. Progress g
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -67,6 +71,7 @@ from switchmoe.dispatch import DISPATCHERS, DISPATCHES, DROPLESS_IMPLS
 from switchmoe.layers import Experts, FeedForward
 from switchmoe.main import load_config
 from switchmoe.moe import MoeConfig, MoeLayer, routing_groups
+from switchmoe.optim import make_optimizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -382,8 +387,43 @@ def synthetic_batch(config) -> dict[str, np.ndarray]:
   return batch
 
 
+def time_steps(step, state, args, *rest) -> tuple[float, dict]:
+  """Median seconds of ``args.steps`` runs of ``step(state, *rest) -> (state, ...)`` after one
+  warm-up run (which pays for allocation and caches), and the last state."""
+  state = block(step(state, *rest))[0]
+  seconds = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state = block(step(state, *rest))[0]
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds), state
+
+
+def update_seconds(s: train.Setup, state, batch, args) -> float | None:
+  """Median seconds of the step's second half alone (`train.apply_gradients`: clipping, the
+  optimizer, the non-finite guard), donated as in the step. Its inputs are shaped like
+  `train.gradients`' output without compiling that: each gradient is 1e-3 x its parameter
+  (so it has the parameter's sharding), loss, metrics and routing statistics are zeros. None,
+  with a line on stderr, where it fails (out of memory, say): the step's record stands."""
+  config = s.config
+  try:
+    loss, metrics, aux, _ = jax.eval_shape(
+        functools.partial(train.gradients, config=config, graphdef=s.graphdef), state, batch)
+    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+    trainable = train.split_trainable(s.graphdef, state['params'])[0]
+    grads = jax.jit(lambda t: jax.tree.map(lambda p: p * 1e-3, t))(trainable)
+    update = jax.jit(functools.partial(
+        train.apply_gradients, config=config, graphdef=s.graphdef,
+        tx=make_optimizer(config.optim, config.train.num_steps)), donate_argnums=0)
+    return time_steps(update, state, args, zeros(loss), zeros(metrics), zeros(aux), grads)[0]
+  except Exception as e:  # noqa: BLE001 -- any failure; the step's own figures are kept
+    progress(f'    update alone: failed, {type(e).__name__}: {str(e).strip()[:200]}')
+    return None
+
+
 def step_record(case: str, args, env: dict) -> dict:
-  """One case of the step suite: compile, one warm-up step, ``args.steps`` timed steps."""
+  """One case of the step suite: compile, one warm-up step, ``args.steps`` timed steps; then
+  the update alone (`update_seconds`), ``args.steps`` times."""
   config = case_config(case, args.set, args.batch_size)
   s = train.make_setup(config)
   with train.mesh_context(s):
@@ -392,24 +432,21 @@ def step_record(case: str, args, env: dict) -> dict:
     start = time.perf_counter()
     step = s.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    state, _ = block(step(state, batch))  # the first run pays for allocation and caches
-    seconds = []
-    for _ in range(args.steps):
-      start = time.perf_counter()
-      state, _ = block(step(state, batch))
-      seconds.append(time.perf_counter() - start)
-  step_s = statistics.median(seconds)
+    step_s, state = time_steps(step, state, args, batch)
+    update_s = update_seconds(s, state, batch, args)
   perf = train.perf_metrics(config, s.mesh, step_s)
   moe = config.model.moe
   expert_axis = dict(s.mesh.shape).get('expert', 1)
-  progress(f'  {case}: {step_s * 1e3:.1f} ms/step, {perf["perf/tokens_per_sec"]:,.0f} tok/s, '
-           f'compiled in {compile_s:.1f} s')
+  update = '' if update_s is None else f', update {update_s / step_s:.0%} of it'
+  progress(f'  {case}: {step_s * 1e3:.1f} ms/step{update}, '
+           f'{perf["perf/tokens_per_sec"]:,.0f} tok/s, compiled in {compile_s:.1f} s')
   return {
       'suite': 'step', 'case': case,
       'dispatch': dispatch_lib.resolve(moe.dispatch, expert_axis) if moe.every else 'dense',
       'mesh': dict(s.mesh.shape), 'collective_bytes': collective_bytes(step),
       'num_experts': moe.num_experts if moe.every else 0, 'tokens': train.tokens_per_step(config),
       'batch_size': config.train.batch_size, 'ms': step_s * 1e3,
+      'update_ms': None if update_s is None else update_s * 1e3,
       'tokens_per_s': perf['perf/tokens_per_sec'],
       'model_tflops_per_device': perf['perf/model_tflops_per_device'],
       'mfu': perf.get('perf/mfu'), 'compile_s': compile_s,
@@ -469,9 +506,10 @@ def print_table(records: list[dict]) -> None:
             f'{fmt(r["max_load"], ".2f"):>8}'
             + (f' {r["ratio_to_own_dense"]:>11.2f}' if own else '') for r in records]
   else:
-    header = (f'{"case":<40} {"ms/step":>9} {"tokens/s":>10} {"x dense":>8} {"MFU":>6} '
-              f'{"compile s":>9} {"peak MiB":>9} {"comm MiB":>9}')
-    rows = [f'{r["case"]:<40} {r["ms"]:>9.1f} {r["tokens_per_s"]:>10,.0f} '
+    header = (f'{"case":<40} {"ms/step":>9} {"update ms":>9} {"tokens/s":>10} {"x dense":>8} '
+              f'{"MFU":>6} {"compile s":>9} {"peak MiB":>9} {"comm MiB":>9}')
+    rows = [f'{r["case"]:<40} {r["ms"]:>9.1f} {fmt(r.get("update_ms"), ".1f"):>9} '
+            f'{r["tokens_per_s"]:>10,.0f} '
             f'{fmt(r["ratio_to_dense"], ".2f"):>8} {fmt(r["mfu"], ".1%"):>6} '
             f'{r["compile_s"]:>9.1f} {fmt(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".1f"):>9} '
             f'{sum(r["collective_bytes"].values()) / 2**20:>9.2f}'

@@ -90,12 +90,10 @@ def init_state(key: jax.Array, *, config: ml_collections.ConfigDict, graphdef: n
           'skipped_in_a_row': zero}
 
 
-def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict,
-               graphdef: nnx.GraphDef, tx: optax.GradientTransformation
-               ) -> tuple[State, dict]:
-  """One optimizer step on ``batch`` (each feature [batch, length]); returns the new state and
-  the step's metrics. A step whose loss, gradient, update or new parameters are not finite
-  changes neither parameters nor optimizer state (nor expert biases) and is counted."""
+def gradients(state: State, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict,
+              graphdef: nnx.GraphDef) -> tuple[jax.Array, dict, dict, dict]:
+  """(loss, metrics, aux, grads) of ``batch``: the first half of `train_step`, with the
+  step's dropout and routing draws; ``grads`` has the trainable params' structure."""
   step_key = jax.random.fold_in(jax.random.key(config.seed), state['step'])
   trainable, fixed = split_trainable(graphdef, state['params'])
 
@@ -108,15 +106,26 @@ def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collecti
     return loss, (metrics, aux)
 
   (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  return loss, metrics, aux, grads
+
+
+def apply_gradients(state: State, loss: jax.Array, metrics: dict, aux: dict, grads: dict, *,
+                    config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation) -> tuple[State, dict]:
+  """The second half of `train_step`: clip, the optimizer's update, the non-finite guard,
+  the expert biases; returns the new state and the step's metrics."""
+  trainable, fixed = split_trainable(graphdef, state['params'])
   grad_norm = optax.tree.norm(grads)
   grads = clip_by_global_norm(grads, grad_norm, config.optim.grad_clip)
   updates, opt_state = tx.update(grads, state['opt_state'], trainable)
   params = optax.apply_updates(trainable, updates)
   update_norm = optax.tree.norm(updates)
-  # A finite gradient can still overflow into the update or the new weights (a huge
-  # learning rate); such a step is skipped like one with a non-finite loss.
-  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-            & jnp.isfinite(optax.tree.norm(params)))
+  # A finite gradient can still overflow into the update (a huge learning rate): such a step
+  # is skipped like one with a non-finite loss. The new float32 weights need no check of
+  # their own: a finite update norm bounds every update by sqrt(float32 max) ~ 1.8e19, far
+  # below half an ulp of float32 max, so finite weights plus it stay finite; that check cost
+  # one more pass over all parameters (docs/performance.md, "The update's share of a step").
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
   params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                    (params, opt_state), (trainable, state['opt_state']))
   model = nnx.merge(graphdef, params, fixed)
@@ -126,13 +135,23 @@ def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collecti
   step = state['step'] + 1
   skipped = state['skipped_steps'] + (~finite).astype(jnp.int32)
   lr_schedule = schedule(config.optim, config.train.num_steps)
-  metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+  metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
                  update_norm=update_norm, skipped_steps=skipped,
                  learning_rate=lr_schedule(state['step']))
   return {'params': nnx.to_pure_dict(nnx.state(model)), 'opt_state': opt_state, 'step': step,
           'skipped_steps': skipped,
           'last_skipped_step': jnp.where(finite, state['last_skipped_step'], step),
           'skipped_in_a_row': jnp.where(finite, 0, state['skipped_in_a_row'] + 1)}, metrics
+
+
+def train_step(state: State, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+               ) -> tuple[State, dict]:
+  """One optimizer step on ``batch`` (each feature [batch, length]); returns the new state and
+  the step's metrics. A step whose loss, gradient or update is not finite changes neither
+  parameters nor optimizer state (nor expert biases) and is counted."""
+  return apply_gradients(state, *gradients(state, batch, config=config, graphdef=graphdef),
+                         config=config, graphdef=graphdef, tx=tx)
 
 
 def eval_step(params: dict, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> dict:

@@ -111,7 +111,26 @@ def test_step_suite(tmp_path):
   assert dense['tokens'] == switch['tokens'] == 8 * (128 + 32)
   for r in (dense, switch):
     assert r['tokens_per_s'] > 0 and r['compile_s'] > 0 and r['mfu'] is None  # CPU: no peak
+    assert 0 < r['update_ms'] < r['ms']
   assert 'switch_tiny:model.moe.num_experts=4,model.remat=full' in table
+  header, = (line for line in table.splitlines() if line.startswith('case '))
+  assert 'update ms' in header
+
+
+def test_a_failing_update_timing_keeps_the_steps_record(tmp_path, monkeypatch, capsys):
+  benchmark = load_script()
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB')
+
+  monkeypatch.setattr(benchmark, 'make_optimizer', out_of_memory)  # the update's alone
+  out = tmp_path / 'records.jsonl'
+  benchmark.main(['--suite=step', '--cases', 't5_tiny', '--steps=1', '--batch_size=8',
+                  '--set=model.num_layers=1,model.d_model=16,model.d_ff=32,model.num_heads=2,'
+                  'model.d_kv=8', f'--json={out}'])
+  record, = map(json.loads, out.read_text().splitlines())
+  assert record['ms'] > 0 and record['update_ms'] is None
+  assert 'update alone: failed, RuntimeError: RESOURCE_EXHAUSTED' in capsys.readouterr().err
 
 
 def test_bad_arguments_fail_in_one_line():

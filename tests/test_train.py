@@ -6,7 +6,9 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from switchmoe import checkpoint as checkpoint_lib
@@ -187,3 +189,23 @@ def test_steps_compile_once_and_never_reach_the_host(moe):
   assert s.train_step._cache_size() == 1
   assert np.isfinite(float(metrics['loss']))
   assert 'callback' not in hlo.lower()
+
+
+def test_new_weights_need_no_finite_check_of_their_own():
+  """`train.apply_gradients` skips a step on its update's norm, not on its new weights (a
+  pass over every parameter saved): each entry of a float32 update whose norm is finite is at
+  most sqrt(float32 max), and adding that to any finite float32 weight, the largest included,
+  cannot overflow. Weights are always float32, bfloat16 runs included."""
+  c = tiny_config()
+  c.model.dtype = 'bfloat16'
+  s = train.make_setup(c, jax.devices()[:1])
+  assert {x.dtype for x in jax.tree.leaves(s.abstract_state['params'])} == {np.dtype('float32')}
+  big = jnp.finfo(jnp.float32).max
+  finite_norm = lambda x: bool(jnp.isfinite(optax.tree.norm(x)))
+  u = jnp.sqrt(big)  # the largest entry of an update with a finite norm, to the last ulp:
+  while not finite_norm(u):
+    u = jnp.nextafter(u, jnp.float32(0))
+  while finite_norm(jnp.nextafter(u, big)):
+    u = jnp.nextafter(u, big)
+  assert 1.8e19 < u < 1.9e19
+  assert jnp.isfinite(big + u) and jnp.isfinite(-big - u)
