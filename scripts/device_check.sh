@@ -74,7 +74,7 @@ else
   # the dense step alone is planned at ~280 GiB (scripts/plan.py); 114 target tokens would
   # leave no routing group of 512 that divides the batch's 32 x 114. 128 experts come last:
   # the targets name 8 and 64.
-  STEP=(--cases t5_base switch_base switch_base:model.moe.num_experts=64
+  STEP=(--cases t5_base switch_base:model.moe.num_experts=8 switch_base:model.moe.num_experts=64
         switch_base:model.moe.num_experts=128 --steps=10 --batch_size=32
         --set=data.targets_length=128)
   TRAIN=(--config=configs/switch_tiny.py)  # the README's main job, its 300 steps

@@ -230,6 +230,20 @@ def test_override_lists_keep_bracketed_commas():
       'mesh.shape=(2,4)', "mesh.axes=('data','expert')", 'a=1']
 
 
+def test_device_check_steps_are_the_issues_models():
+  """The GPU call's step cases, read from scripts/device_check.sh: T5-Base and Switch-Base with
+  8, 64 and 128 experts (configs/switch_base.py alone has 128: its first case once ran that
+  twice and never 8)."""
+  benchmark = load_script()
+  script = open(os.path.join(REPO, 'scripts', 'device_check.sh')).read()
+  full = script[script.index('\nelse\n'):]
+  words = re.search(r'STEP=\(([^)]*)\)', full).group(1).split()
+  cases = words[words.index('--cases') + 1:next(i for i, w in enumerate(words) if i and
+                                                w.startswith('--') and w != '--cases')]
+  configs = [benchmark.case_config(case, [], 0) for case in cases]
+  assert [c.model.moe.num_experts if c.model.moe.every else 0 for c in configs] == [0, 8, 64, 128]
+
+
 def test_device_check_script_runs_its_parts_and_rejects_unknown_ones(tmp_path):
   """scripts/device_check.sh (for a lent GPU) at SMALL sizes on the CPU: a part writes its
   records, its log into logs.tar.gz and a summary line; a part with too little of DEADLINE left
