@@ -123,7 +123,7 @@ def test_a_failing_update_timing_keeps_the_steps_record(tmp_path, monkeypatch, c
   def out_of_memory(*args, **kwargs):
     raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB')
 
-  monkeypatch.setattr(benchmark, 'make_optimizer', out_of_memory)  # the update's alone
+  monkeypatch.setattr(benchmark, 'make_optimizer', out_of_memory)  # used by the update only
   out = tmp_path / 'records.jsonl'
   benchmark.main(['--suite=step', '--cases', 't5_tiny', '--steps=1', '--batch_size=8',
                   '--set=model.num_layers=1,model.d_model=16,model.d_ff=32,model.num_heads=2,'
@@ -238,8 +238,7 @@ def test_device_check_steps_are_the_issues_models():
   script = open(os.path.join(REPO, 'scripts', 'device_check.sh')).read()
   full = script[script.index('\nelse\n'):]
   words = re.search(r'STEP=\(([^)]*)\)', full).group(1).split()
-  cases = words[words.index('--cases') + 1:next(i for i, w in enumerate(words) if i and
-                                                w.startswith('--') and w != '--cases')]
+  cases = [w for w in words if not w.startswith('--')]  # the rest are options
   configs = [benchmark.case_config(case, [], 0) for case in cases]
   assert [c.model.moe.num_experts if c.model.moe.every else 0 for c in configs] == [0, 8, 64, 128]
 
